@@ -1,0 +1,82 @@
+"""Episode collection with a shipped SAC actor, run in worker processes by `make.py`.
+
+A chunk is a fixed list of episode indices run side by side with one batched numpy policy call per
+step. Episode i of stream k resets with a seed derived from (seed, k, i) and draws its action noise
+from its own generator, so the episodes do not depend on how chunks are spread over workers.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+
+from policy import act
+
+
+def episode_seeds(seed: int, stream: int, index: int) -> tuple[int, np.random.Generator]:
+    ss = np.random.SeedSequence([seed, stream, index])
+    reset_seed = int(ss.generate_state(1)[0])
+    return reset_seed, np.random.default_rng(ss.spawn(1)[0])
+
+
+def silence_mujoco() -> None:
+    # MuJoCo 4 warns about half_cheetah.xml on every build and appends it to ./MUJOCO_LOG.TXT.
+    import mujoco
+
+    mujoco.set_mju_user_warning(lambda msg: None)
+
+
+def run_chunk(task: tuple) -> list[dict]:
+    """task = (env_id, params, seed, stream, indices, stochastic) -> one dict per episode, in order."""
+    env_id, params, seed, stream, indices, stochastic = task
+    silence_mujoco()
+    n = len(indices)
+    envs = [gym.make(env_id) for _ in range(n)]
+    rngs, obs_lists, act_lists, rew_lists, term_lists = [], [], [], [], []
+    obs = []
+    for env, i in zip(envs, indices):
+        reset_seed, rng = episode_seeds(seed, stream, i)
+        o, _ = env.reset(seed=reset_seed)
+        rngs.append(rng)
+        obs.append(o)
+        obs_lists.append([o])
+        act_lists.append([])
+        rew_lists.append([])
+        term_lists.append([])
+    obs = np.asarray(obs, np.float32)
+    alive = np.ones(n, bool)
+    truncated = np.zeros(n, bool)
+    action_dim = envs[0].action_space.shape[0]
+    while alive.any():
+        live = np.flatnonzero(alive)
+        noise = np.stack([rngs[j].standard_normal(action_dim) for j in live]) if stochastic else None
+        actions = act(params, obs[live], noise)
+        for a, j in zip(actions, live):
+            o, r, term, trunc, _ = envs[j].step(a)
+            obs[j] = o
+            obs_lists[j].append(o)
+            act_lists[j].append(a)
+            rew_lists[j].append(r)
+            term_lists[j].append(term)
+            if term or trunc:
+                alive[j] = False
+                truncated[j] = trunc and not term
+    for env in envs:
+        env.close()
+    episodes = []
+    for j in range(n):
+        T = len(rew_lists[j])
+        term = np.zeros(T, bool)
+        trunc = np.zeros(T, bool)
+        term[-1] = term_lists[j][-1]
+        trunc[-1] = truncated[j]
+        episodes.append(
+            {
+                "observations": np.asarray(obs_lists[j], np.float64),
+                "actions": np.asarray(act_lists[j], np.float32),
+                "rewards": np.asarray(rew_lists[j], np.float64),
+                "terminations": term,
+                "truncations": trunc,
+            }
+        )
+    return episodes
