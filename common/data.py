@@ -68,6 +68,7 @@ class Meta:
     def make_env(self, **kwargs) -> gym.Env:
         """The evaluation environment (registered time limit included)."""
         _register_robotics(self.env_spec.id)
+        silence_mujoco()
         return gym.make(self.env_spec, **kwargs)
 
     def flatten_obs(self, obs) -> np.ndarray:
@@ -87,18 +88,17 @@ def flatten_observation(obs) -> np.ndarray:
 
 
 def domain_of(dataset_id: str, env_id: str) -> str:
-    name = (dataset_id + "/" + env_id).lower()
-    for key, domain in [
-        ("antmaze", "antmaze"),
-        ("pointmaze", "pointmaze"),
-        ("kitchen", "kitchen"),
-        ("door", "adroit"),
-        ("pen", "adroit"),
-        ("hammer", "adroit"),
-        ("relocate", "adroit"),
-    ]:
-        if key in name:
-            return domain
+    """locomotion, antmaze, pointmaze, adroit or kitchen, from the id's parts and the env's name."""
+    parts = set(dataset_id.lower().split("/")[:-1])
+    env = env_id.lower()
+    if "antmaze" in parts or env.startswith("antmaze"):
+        return "antmaze"
+    if "pointmaze" in parts or env.startswith("pointmaze"):
+        return "pointmaze"
+    if "kitchen" in parts or env.startswith("frankakitchen"):
+        return "kitchen"
+    if parts & {"door", "pen", "hammer", "relocate"} or env.startswith("adroithand"):
+        return "adroit"
     return "locomotion"
 
 
@@ -117,6 +117,14 @@ def datasets_root() -> Path:
 
 def dataset_dir(dataset_id: str) -> Path:
     return datasets_root() / dataset_id
+
+
+def silence_mujoco() -> None:
+    """MuJoCo 4 warns about gymnasium's half_cheetah.xml on every build and appends the warning to
+    ./MUJOCO_LOG.TXT; a no-op warning callback silences both."""
+    import mujoco
+
+    mujoco.set_mju_user_warning(lambda msg: None)
 
 
 def _register_robotics(env_id: str) -> None:

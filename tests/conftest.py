@@ -47,3 +47,60 @@ def hopper_expert(make_module):
     """A small expert hopper set (shipped policy): the 'good episodes' short runs learn from."""
     make_module.build("local/hopper/expert-v0", num_steps=5_000, seed=0)
     return "local/hopper/expert-v0"
+
+
+PENDULUM_ID = "test/pendulum/pd-v0"
+PENDULUM_HORIZON = 100
+
+
+def build_pendulum_dataset(dataset_id: str = PENDULUM_ID, num_episodes: int = 60, noise: float = 0.3, seed: int = 0):
+    """A scripted-controller set on InvertedPendulum-v5 (100-step episodes) for tests that need good
+    episodes regardless of which behaviour policies are shipped: a PD controller plus Gaussian
+    noise, actions in [-1, 1]. ref_min = a uniformly random policy (about 5), ref_max = 100."""
+    import gymnasium as gym
+    import minari
+    import numpy as np
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make("InvertedPendulum-v5", max_episode_steps=PENDULUM_HORIZON)
+    gains = np.array([0.5, 5.0, 0.5, 0.5])
+    rng = np.random.default_rng(seed)
+    buffers = []
+    for ep in range(num_episodes):
+        obs, _ = env.reset(seed=seed * 10_000 + ep)
+        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+        while True:
+            std = noise if ep % 3 else 5 * noise
+            a = np.clip(gains @ obs + std * rng.standard_normal(), -1, 1).astype(np.float32)[None]
+            obs, r, term, trunc, _ = env.step(a)
+            observations.append(obs), actions.append(a), rewards.append(r), terms.append(term), truncs.append(trunc)
+            if term or trunc:
+                break
+        buffers.append(EpisodeBuffer(id=ep, observations=np.asarray(observations), actions=np.asarray(actions),
+                                     rewards=np.asarray(rewards), terminations=np.asarray(terms),
+                                     truncations=np.asarray(truncs)))  # fmt: skip
+    random_returns = []
+    for ep in range(20):
+        env.reset(seed=100_000 + ep)
+        env.action_space.seed(ep)
+        ret, done = 0.0, False
+        while not done:
+            _, r, term, trunc, _ = env.step(env.action_space.sample())
+            ret, done = ret + r, term or trunc
+        random_returns.append(ret)
+    minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=env, algorithm_name="PD controller + noise", code_permalink="tests/conftest.py",
+        eval_env=env.spec, author="jaxorl tests", author_email="-", ref_min_score=float(np.mean(random_returns)),
+        ref_max_score=float(PENDULUM_HORIZON), description="test-only scripted dataset", data_format="hdf5",
+    )  # fmt: skip
+    return dataset_id
+
+
+@pytest.fixture(scope="session")
+def pendulum_dataset():
+    """Id of a small scripted InvertedPendulum set (about 6k transitions of near-perfect episodes)."""
+    from common.data import dataset_dir
+
+    if not (dataset_dir(PENDULUM_ID) / "data").exists():
+        build_pendulum_dataset()
+    return PENDULUM_ID
