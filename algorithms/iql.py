@@ -394,9 +394,9 @@ def online_phase(args, meta, states, keys, offline: Batch, update, act, hp, logg
         logger.advance(1)
         if (t + 1) % args.eval_every == 0 or t + 1 == args.online_steps:
             metrics = jax.device_get(metrics)
-            bad = first_nonfinite({k: np.asarray(v)[:, None] for k, v in metrics.items()}, t)
+            bad = first_nonfinite({k: np.asarray(v)[:, None] for k, v in metrics.items()}, t, seeds)
             if bad:
-                raise FloatingPointError(f"non-finite loss during online training: {bad} (seeds {seeds})")
+                raise FloatingPointError(f"non-finite loss in online training, stopped at {bad}")
             logger.metrics(args.total_steps + t + 1, {k: np.asarray(v)[:, None] for k, v in metrics.items()})
             result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed)
             logger.evaluation(t + 1, result, phase="online")
@@ -449,12 +449,11 @@ def train(args: Args) -> dict:
                 chunks[n] = make_train_chunk(update, args.batch_size, n)
             states, keys, metrics = chunks[n](states, keys, offline, hp)
             metrics = jax.device_get(metrics)
-            bad = first_nonfinite(metrics, step)
+            bad = first_nonfinite(metrics, step, seeds)
             if bad:
                 logger.close()
                 raise FloatingPointError(
-                    f"non-finite loss, training stopped: {bad} (seeds {seeds}); the last finite "
-                    f"checkpoint is in {logger.run_dir}"
+                    f"non-finite loss, training stopped at {bad}; the last finite checkpoint is in {logger.run_dir}"
                 )
             step += n
             logger.advance(n)

@@ -65,15 +65,18 @@ def device_name() -> str:
     return "cpu" if dev.platform == "cpu" else dev.device_kind
 
 
-def first_nonfinite(metrics: dict, step0: int, stride: int = 1) -> str | None:
-    """Describe the first non-finite metric of a chunk (arrays shaped (num_seeds, steps)), if any."""
-    for name, values in metrics.items():
-        v = np.asarray(values)
-        bad = ~np.isfinite(v)
-        if bad.any():
-            seed, i = np.argwhere(bad.reshape(v.shape[0], -1))[0]
-            return f"loss {name!r} is {v.reshape(v.shape[0], -1)[seed, i]} in seed index {seed} at step {step0 + stride * (i + 1)}"
-    return None
+def first_nonfinite(metrics: dict, step0: int, seeds: list[int]) -> str | None:
+    """Describe the earliest non-finite metrics of a chunk (arrays shaped (num_seeds, steps) whose
+    step i is update step0 + i + 1), naming the seed, the step and every loss that is not finite."""
+    arrays = {k: np.asarray(v).reshape(len(seeds), -1) for k, v in metrics.items()}
+    bad = {k: ~np.isfinite(v) for k, v in arrays.items()}
+    first = [(np.argwhere(b.any(0))[0, 0], k) for k, b in bad.items() if b.any()]
+    if not first:
+        return None
+    i = min(first)[0]
+    s = next(s for s in range(len(seeds)) if any(b[s, i] for b in bad.values()))
+    losses = ", ".join(f"{k}={arrays[k][s, i]}" for k in arrays if bad[k][s, i])
+    return f"seed {seeds[s]}, step {step0 + i + 1}: {losses}"
 
 
 class RunLogger:

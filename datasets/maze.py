@@ -428,9 +428,12 @@ def expert_returns(env, policy: ExpertPolicy, num_episodes: int) -> tuple[np.nda
     return returns, successes
 
 
-def reference_scores(maze: str, variant: str, num_episodes: int = REF_EPISODES) -> dict:
-    """ref_min (Minari's RandomPolicy), ref_max and the expert's success rate, on the eval env."""
+def reference_scores(maze: str, variant: str, num_episodes: int | None = None) -> dict:
+    """ref_min (Minari's RandomPolicy), ref_max and the expert's success rate, on the eval env,
+    over `num_episodes` (default REF_EPISODES) episodes each."""
     from minari.utils import RandomPolicy, get_average_reference_score
+
+    num_episodes = REF_EPISODES if num_episodes is None else num_episodes
 
     env = make_eval_env(maze, variant)
     try:
@@ -518,18 +521,19 @@ def write_maze(dataset_id: str, maze: str, variant: str, num_steps: int | None, 
         refs = reference_scores(maze, variant)
         t_ref = time.time() - t_ref
         print(
-            f"reference scores in {t_ref:.1f} s: min {refs['ref_min_score']:.2f}, max {refs['ref_max_score']:.2f}, "
-            f"expert success {refs['expert_success_rate']:.0%}",
+            f"reference scores in {t_ref:.1f} s: min {refs['ref_min_score']:.2f}, "
+            f"max {refs['ref_max_score']:.2f}, expert success {refs['expert_success_rate']:.0%}",
             flush=True,
         )
         description = (
-            f"jaxorl local D4RL-style PointMaze dataset ({maze}, {variant} reward): one continuing trajectory of "
-            f"{steps} steps of {env_id(maze, variant)} (continuing_task=True, reset_target=True, seed {seed}) "
-            f"split into {n_eps} goal-reaching episodes ({kept} steps kept; an episode ends where its goal is "
-            f"reached, or after {horizon} steps without it). Behaviour policy: BFS shortest path on the maze grid, "
-            f"jittered cell-centre waypoints, PD control clip(10*(waypoint-pos) - vel) plus N(0, {ACTION_NOISE}) "
-            "noise. Every observation carries its episode's goal. ref_min_score: Minari's RandomPolicy; "
-            f"ref_max_score: the noise-free controller; {REF_EPISODES} episodes of the eval env from reset(seed=123). "
+            f"jaxorl local D4RL-style PointMaze dataset ({maze}, {variant} reward): one continuing "
+            f"trajectory of {steps} steps of {env_id(maze, variant)} (continuing_task=True, "
+            f"reset_target=True, seed {seed}) split into {n_eps} goal-reaching episodes ({kept} steps "
+            f"kept; an episode ends where its goal is reached, or after {horizon} steps without it). "
+            "Behaviour policy: BFS shortest path on the maze grid, jittered cell-centre waypoints, PD "
+            f"control clip(10*(waypoint-pos) - vel) plus N(0, {ACTION_NOISE}) noise. Every observation "
+            "carries its episode's goal. ref_min_score: Minari's RandomPolicy; ref_max_score: the "
+            f"noise-free controller; {REF_EPISODES} episodes of the eval env from reset(seed=123). "
             f"Built by `python datasets/make.py {dataset_id}` at code version {code_version()}."
         )
         eval_env = make_eval_env(maze, variant)

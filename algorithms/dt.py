@@ -1,0 +1,435 @@
+"""Decision Transformer (DT): Chen, Lu, Rajeswaran, Lee, Grover, Laskin, Abbeel, Srinivas and
+Mordatch, "Decision Transformer: Reinforcement Learning via Sequence Modeling", NeurIPS 2021.
+https://arxiv.org/abs/2106.01345
+
+DT treats offline RL as sequence modelling: a causal (GPT-style) transformer reads the last K steps
+as tokens (return-to-go, state, action) and regresses each action from the hidden state of its
+state token. There is no critic and no bootstrapping; at test time the model is conditioned on a
+target return, which is decreased by every reward received, and asked for the action that the
+data's behaviour would take to collect that much return.
+
+Follows the official code (kzl/decision-transformer, gym/: models/decision_transformer.py,
+training/seq_trainer.py, experiment.py): a learned absolute-timestep embedding shared by the three
+tokens of a step, LayerNorm on the embeddings, GPT-2 blocks (pre-LayerNorm, ReLU MLP of 4x width,
+dropout on embeddings, attention and residuals) without positional embeddings, a tanh action head,
+MSE on non-padded steps, AdamW with linear warmup and grad-norm clipping 0.25, segments whose
+start is drawn uniformly over all transitions (= episodes in proportion to their length, start
+uniform within), left padding, states normalized by the dataset's mean and std, returns-to-go
+(undiscounted) divided by 1000 on locomotion. Evaluation runs every episode of every seed at once;
+each environment keeps a fixed-size window of its last K steps in the policy's carry, so nothing
+recompiles during an episode.
+
+    python algorithms/dt.py                                    # local/hopper/medium-v0, paper budget
+    python algorithms/dt.py --dataset local/walker2d/medium-v0 --num-seeds 2 --total-steps 10000
+    python algorithms/dt.py --dataset local/hopper/medium-v0 --target-return 1800
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+
+from common.data import load_dataset
+from common.evaluation import evaluate
+from common.logging import RunLogger, first_nonfinite
+
+
+@dataclass(frozen=True)
+class Args:
+    # --- Experiment ---
+    dataset: str = "local/hopper/medium-v0"
+    """Minari dataset id, or a local/... id built on first use"""
+    seed: int = 0
+    """first seed; seeds seed..seed+num_seeds-1 are trained together"""
+    num_seeds: int = 1
+    """independent seeds trained in one program with jax.vmap"""
+    out_dir: str = "runs"
+    """root of the run directories"""
+    no_log: bool = False
+    """no tensorboard events (tests)"""
+    resume: str | None = None
+    """a run directory to continue from its checkpoint"""
+    # --- Training ---
+    total_steps: int = 100_000
+    """gradient updates (the official 10 iterations x 10k)"""
+    eval_every: int = 10_000
+    """updates between evaluations"""
+    eval_episodes: int = 10
+    """evaluation episodes per seed"""
+    batch_size: int = 64
+    """trajectory segments per update per seed"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate after warmup"""
+    weight_decay: float = 1e-4
+    """AdamW decoupled weight decay (on every parameter, as torch's AdamW in the official code)"""
+    warmup_steps: int = 10_000
+    """linear learning-rate warmup: lr * min((step + 1) / warmup_steps, 1)"""
+    grad_clip: float = 0.25
+    """global gradient-norm clip"""
+    # --- Decision Transformer ---
+    context_len: int = 20
+    """K: steps in the context window (3K tokens)"""
+    embed_dim: int = 128
+    """transformer width"""
+    num_layers: int = 3
+    """transformer blocks"""
+    num_heads: int = 1
+    """attention heads"""
+    dropout: float = 0.1
+    """dropout on embeddings, attention weights and residual branches"""
+    rtg_scale: float | None = None
+    """returns-to-go are divided by this at train and test time (None: 1000 on locomotion and adroit,
+    1 on goal-reaching and kitchen sets)"""
+    target_return: float | None = None
+    """return the evaluation is conditioned on (None: the paper's per robot, hopper 3600,
+    halfcheetah 6000, walker2d 5000; otherwise the dataset's best episode return)"""
+    max_ep_len: int | None = None
+    """rows of the timestep embedding; later steps are clipped to the last row (None: the
+    evaluation env's time limit, or 1000)"""
+
+
+# The paper's evaluation targets (its appendix; the official code's first target per env).
+PAPER_TARGETS = {"hopper": 3600.0, "halfcheetah": 6000.0, "walker2d": 5000.0}
+# rtg scale per domain: the paper's 1000 for MuJoCo; sparse goal-reaching returns are small
+# (this repo's choice, as for kitchen's <= 4 subtasks).
+RTG_SCALES = {"locomotion": 1000.0, "adroit": 1000.0, "antmaze": 1.0, "pointmaze": 1.0, "kitchen": 1.0}
+PAD_ACTION = -10.0  # the official training padding; the mask hides it
+PAPER_STEPS = (100_000, 0)
+
+
+def resolve(args: Args, meta) -> Args:
+    """Fill the None fields from the dataset; an explicit flag always wins."""
+    robot = meta.env_spec.id.split("-")[0].lower()
+    target = PAPER_TARGETS.get(robot, float(np.max(meta.episode_returns)))
+    max_len = meta.env_spec.max_episode_steps or 1000
+    return dataclasses.replace(
+        args,
+        rtg_scale=RTG_SCALES[meta.domain] if args.rtg_scale is None else args.rtg_scale,
+        target_return=target if args.target_return is None else args.target_return,
+        max_ep_len=max_len if args.max_ep_len is None else args.max_ep_len,
+    )
+
+
+# --- Networks ---------------------------------------------------------------------------------
+def gpt_init():
+    return nn.initializers.normal(0.02)  # GPT-2's initializer_range
+
+
+class Block(nn.Module):
+    """GPT-2 block: x + attn(LN(x)), then x + MLP(LN(x)); MLP width 4H with ReLU as in the DT config."""
+
+    embed_dim: int
+    num_heads: int
+    dropout: float
+
+    @nn.compact
+    def __call__(self, x, mask, training: bool):
+        h = nn.MultiHeadDotProductAttention(
+            self.num_heads, dropout_rate=self.dropout, broadcast_dropout=False, kernel_init=gpt_init()
+        )(nn.LayerNorm()(x), mask=mask, deterministic=not training)
+        x = x + nn.Dropout(self.dropout)(h, deterministic=not training)
+        h = nn.relu(nn.Dense(4 * self.embed_dim, kernel_init=gpt_init())(nn.LayerNorm()(x)))
+        h = nn.Dense(self.embed_dim, kernel_init=gpt_init())(h)
+        return x + nn.Dropout(self.dropout)(h, deterministic=not training)
+
+
+class DecisionTransformer(nn.Module):
+    action_dim: int
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    max_ep_len: int
+    dropout: float
+
+    @nn.compact
+    def __call__(self, states, actions, rtg, timesteps, mask, training: bool = False):
+        """states (B, K, obs_dim), actions (B, K, act_dim), rtg (B, K), timesteps (B, K) int,
+        mask (B, K) bool (False = padding) -> predicted actions (B, K, act_dim) in [-1, 1]."""
+        B, K = mask.shape
+        dense = lambda: nn.Dense(self.embed_dim, kernel_init=gpt_init())  # noqa: E731
+        t_emb = nn.Embed(self.max_ep_len, self.embed_dim, embedding_init=gpt_init())(timesteps)
+        r_tok = dense()(rtg[..., None]) + t_emb
+        s_tok = dense()(states) + t_emb
+        a_tok = dense()(actions) + t_emb
+        x = jnp.stack([r_tok, s_tok, a_tok], axis=2).reshape(B, 3 * K, self.embed_dim)  # R_1 s_1 a_1 R_2 ...
+        x = nn.Dropout(self.dropout)(nn.LayerNorm()(x), deterministic=not training)
+        keys_valid = jnp.repeat(mask, 3, axis=1)  # (B, 3K)
+        attn_mask = nn.combine_masks(nn.make_causal_mask(keys_valid), keys_valid[:, None, None, :])
+        for _ in range(self.num_layers):
+            x = Block(self.embed_dim, self.num_heads, self.dropout)(x, attn_mask, training)
+        x = nn.LayerNorm()(x).reshape(B, K, 3, self.embed_dim)
+        # a_t is read from the state token s_t: it sees R_<=t, s_<=t and a_<t only.
+        return jnp.tanh(nn.Dense(self.action_dim, kernel_init=gpt_init())(x[:, :, 1]))
+
+
+class TrainState(NamedTuple):
+    """Everything one seed trains."""
+
+    params: dict
+    opt_state: optax.OptState
+    step: jax.Array  # int32, updates done (drives the warmup)
+
+
+class Hyper(NamedTuple):
+    """Numeric hyperparameters that do not change shapes, as float32 arrays (vmappable)."""
+
+    learning_rate: jax.Array
+    weight_decay: jax.Array
+    warmup_steps: jax.Array
+    grad_clip: jax.Array
+
+
+class Segments(NamedTuple):
+    """The dataset as DT samples it, on device, one row per transition."""
+
+    states: jax.Array  # (N, obs_dim) normalized
+    actions: jax.Array  # (N, act_dim)
+    rtg: jax.Array  # (N,) scaled undiscounted return-to-go to the episode's end
+    timesteps: jax.Array  # (N,) int32, clipped to max_ep_len - 1
+    episode_end: jax.Array  # (N,) int32, index one past the last transition of its episode
+    pad_state: jax.Array  # (obs_dim,) a raw zero state after normalization (official padding)
+
+
+class Batch(NamedTuple):
+    states: jax.Array  # (B, K, obs_dim)
+    actions: jax.Array  # (B, K, act_dim)
+    rtg: jax.Array  # (B, K)
+    timesteps: jax.Array  # (B, K)
+    mask: jax.Array  # (B, K) bool, False on left padding
+
+
+# --- Data -------------------------------------------------------------------------------------
+def returns_to_go(rewards: np.ndarray, episode_starts: np.ndarray) -> np.ndarray:
+    """Undiscounted sum of rewards from each step to the end of its episode (gamma = 1)."""
+    ep = np.cumsum(episode_starts) - 1
+    total = np.bincount(ep, weights=rewards.astype(np.float64))
+    before = np.cumsum(rewards, dtype=np.float64) - rewards  # reward sum over earlier transitions
+    ep_first = np.flatnonzero(episode_starts)
+    return total[ep] - (before - before[ep_first][ep])
+
+
+def make_segments(data, rtg_scale: float, max_ep_len: int) -> tuple[Segments, np.ndarray, np.ndarray]:
+    """(Segments, state mean, state std); the statistics are the official ones (std + 1e-6)."""
+    obs = np.asarray(data.observations, np.float64)
+    mean, std = obs.mean(0), obs.std(0) + 1e-6
+    starts = np.asarray(data.episode_starts)
+    rtg = returns_to_go(np.asarray(data.rewards), starts)
+    ep = np.cumsum(starts) - 1
+    bounds = np.append(np.flatnonzero(starts), len(starts))
+    segments = Segments(
+        jnp.asarray((obs - mean) / std, jnp.float32),
+        jnp.asarray(data.actions, jnp.float32),
+        jnp.asarray(rtg / rtg_scale, jnp.float32),
+        jnp.asarray(np.minimum(np.asarray(data.timesteps), max_ep_len - 1), jnp.int32),
+        jnp.asarray(bounds[ep + 1], jnp.int32),
+        jnp.asarray(-mean / std, jnp.float32),
+    )
+    return segments, mean.astype(np.float32), std.astype(np.float32)
+
+
+def sample_batch(data: Segments, key, batch_size: int, context_len: int) -> Batch:
+    """Segments of up to K steps, left-padded to K. A start drawn uniformly over all transitions is
+    the official scheme: an episode with probability proportional to its length, then a uniform
+    start within it; the segment stops at the episode's end."""
+    start = jax.random.randint(key, (batch_size, 1), 0, data.rtg.shape[0])
+    length = jnp.minimum(data.episode_end[start] - start, context_len)  # (B, 1), >= 1
+    j = jnp.arange(context_len)[None]
+    mask = j >= context_len - length  # (B, K)
+    idx = jnp.where(mask, start + j - (context_len - length), start)
+    return Batch(
+        jnp.where(mask[..., None], data.states[idx], data.pad_state),
+        jnp.where(mask[..., None], data.actions[idx], PAD_ACTION),
+        jnp.where(mask, data.rtg[idx], 0.0),
+        jnp.where(mask, data.timesteps[idx], 0),
+        mask,
+    )
+
+
+# --- Loss and the update ----------------------------------------------------------------------
+def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of (pred - target)^2 over non-padded steps and action dimensions."""
+    se = ((pred - target) ** 2).sum(-1)
+    return (se * mask).sum() / (mask.sum() * pred.shape[-1])
+
+
+def warmup_lr(step: jax.Array, hp: Hyper) -> jax.Array:
+    """The official LambdaLR: lr * min((step + 1) / warmup, 1)."""
+    return hp.learning_rate * jnp.minimum((step + 1) / hp.warmup_steps, 1.0)
+
+
+def make_agent(args: Args, obs_dim: int, action_dim: int):
+    """init, update and the model for one seed, closed over the (static) architecture."""
+    model = DecisionTransformer(
+        action_dim, args.embed_dim, args.num_layers, args.num_heads, args.max_ep_len, args.dropout
+    )
+    adam = optax.scale_by_adam()  # AdamW by hand below, so lr and weight decay are Hyper arrays
+
+    def init(key) -> TrainState:
+        K = args.context_len
+        params = model.init(
+            key, jnp.zeros((1, K, obs_dim)), jnp.zeros((1, K, action_dim)), jnp.zeros((1, K)),
+            jnp.zeros((1, K), jnp.int32), jnp.ones((1, K), bool),
+        )  # fmt: skip
+        return TrainState(params, adam.init(params), jnp.int32(0))
+
+    def update(s: TrainState, batch: Batch, key, hp: Hyper):
+        def loss_fn(p):
+            pred = model.apply(
+                p, batch.states, batch.actions, batch.rtg, batch.timesteps, batch.mask,
+                training=True, rngs={"dropout": key},
+            )  # fmt: skip
+            return masked_mse(pred, batch.actions, batch.mask)
+
+        loss, grads = jax.value_and_grad(loss_fn)(s.params)
+        grad_norm = optax.global_norm(grads)
+        grads = jax.tree_util.tree_map(lambda g: g * jnp.minimum(1.0, hp.grad_clip / (grad_norm + 1e-6)), grads)
+        direction, opt_state = adam.update(grads, s.opt_state)
+        lr = warmup_lr(s.step, hp)
+        # torch AdamW: p <- p - lr * (adam_direction + weight_decay * p)
+        params = jax.tree_util.tree_map(lambda p, d: p - lr * (d + hp.weight_decay * p), s.params, direction)
+        return TrainState(params, opt_state, s.step + 1), {"action_mse": loss, "grad_norm": grad_norm, "lr": lr}
+
+    return init, update, model
+
+
+def make_train_chunk(update, batch_size: int, context_len: int, num_updates: int):
+    """A jitted scan of `num_updates` updates, vmapped over seeds; segments drawn inside the scan."""
+
+    def one_seed(state, key, data, hp):
+        def body(carry, _):
+            state, key = carry
+            key, k_batch, k_update = jax.random.split(key, 3)
+            state, metrics = update(state, sample_batch(data, k_batch, batch_size, context_len), k_update, hp)
+            return (state, key), metrics
+
+        (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
+        return state, key, metrics  # metrics: (num_updates,) each
+
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, None)), donate_argnums=(0,))
+
+
+# --- Evaluation -------------------------------------------------------------------------------
+class Context(NamedTuple):
+    """The last K steps of every evaluation environment, oldest first; leading axes (seeds, episodes).
+    Shapes never change: each step shifts the window by one and writes the newest step last."""
+
+    states: jax.Array  # (..., K, obs_dim) normalized
+    actions: jax.Array  # (..., K, act_dim)
+    rtg: jax.Array  # (..., K) scaled
+    timesteps: jax.Array  # (..., K) int32
+    mask: jax.Array  # (..., K) bool: True on the last min(t, K) slots
+    t: jax.Array  # (...,) int32, steps taken in this episode
+    rtg_now: jax.Array  # (...,) scaled return still to collect
+
+
+def initial_context(num_seeds: int, num_episodes: int, context_len: int, obs_dim: int, action_dim: int,
+                    target_return: float, rtg_scale: float) -> Context:  # fmt: skip
+    lead = (num_seeds, num_episodes)
+    return Context(
+        jnp.zeros((*lead, context_len, obs_dim)),
+        jnp.zeros((*lead, context_len, action_dim)),
+        jnp.zeros((*lead, context_len)),
+        jnp.zeros((*lead, context_len), jnp.int32),
+        jnp.zeros((*lead, context_len), bool),
+        jnp.zeros(lead, jnp.int32),
+        jnp.full(lead, target_return / rtg_scale, jnp.float32),
+    )
+
+
+def push_step(ctx: Context, obs: jax.Array, prev_reward: jax.Array, rtg_scale, max_ep_len: int) -> Context:
+    """Shift the window and append step t: its normalized state, R_t = R_{t-1} - r_{t-1} / scale
+    (the official update), its timestep, and a zero action placeholder filled after the forward."""
+    rtg_now = jnp.where(ctx.t > 0, ctx.rtg_now - prev_reward / rtg_scale, ctx.rtg_now)
+
+    return Context(
+        jnp.concatenate([ctx.states[..., 1:, :], obs[..., None, :]], axis=-2),
+        jnp.concatenate([ctx.actions[..., 1:, :], jnp.zeros_like(ctx.actions[..., :1, :])], axis=-2),
+        jnp.concatenate([ctx.rtg[..., 1:], rtg_now[..., None]], axis=-1),
+        jnp.concatenate([ctx.timesteps[..., 1:], jnp.minimum(ctx.t, max_ep_len - 1)[..., None]], axis=-1),
+        jnp.concatenate([ctx.mask[..., 1:], jnp.ones_like(ctx.mask[..., :1])], axis=-1),
+        ctx.t + 1,
+        rtg_now,
+    )
+
+
+def make_policy(model, obs_mean, obs_std, rtg_scale: float, max_ep_len: int):
+    """The evaluation policy of common.evaluation: one jitted call per environment step for every
+    environment of every seed; the context window travels in `carry`."""
+    mean, std = jnp.asarray(obs_mean), jnp.asarray(obs_std)
+
+    def dt_policy(params, ctx: Context, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
+        ctx = push_step(ctx, (obs - mean) / std, prev_reward, rtg_scale, max_ep_len)
+        forward = jax.vmap(lambda p, c: model.apply(p, c.states, c.actions, c.rtg, c.timesteps, c.mask))
+        actions = forward(params, ctx)[..., -1, :]  # (num_seeds, episodes, act_dim)
+        return actions, ctx._replace(actions=ctx.actions.at[..., -1, :].set(actions))
+
+    return jax.jit(dt_policy)
+
+
+# --- Training ---------------------------------------------------------------------------------
+def train(args: Args) -> dict:
+    data, meta = load_dataset(args.dataset)
+    args = resolve(args, meta)
+    segments, obs_mean, obs_std = make_segments(data, args.rtg_scale, args.max_ep_len)
+    init, update, model = make_agent(args, meta.obs_dim, meta.action_dim)
+    hp = Hyper(*(jnp.float32(x) for x in (args.learning_rate, args.weight_decay, args.warmup_steps, args.grad_clip)))
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    keys = jnp.stack([jax.random.key(s) for s in seeds])
+    init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
+    states = jax.jit(jax.vmap(init))(init_keys)
+
+    logger = RunLogger(
+        "dt", args, meta, seeds=seeds, total_steps=args.total_steps, paper_steps=PAPER_STEPS,
+        out_dir=args.out_dir, resume=args.resume, tensorboard=not args.no_log,
+    )  # fmt: skip
+    print(f"DT on {args.dataset} ({meta.domain}, {meta.size} transitions): target return {args.target_return:g}, "
+          f"rtg scale {args.rtg_scale:g}, K {args.context_len}, max_ep_len {args.max_ep_len}", flush=True)  # fmt: skip
+    step = 0
+    if args.resume:
+        states, step, keys, _ = logger.load_checkpoint(states, keys)
+        print(f"resumed from step {step}", flush=True)
+
+    policy = make_policy(model, obs_mean, obs_std, args.rtg_scale, args.max_ep_len)
+    context = initial_context(args.num_seeds, args.eval_episodes, args.context_len, meta.obs_dim, meta.action_dim,
+                              args.target_return, args.rtg_scale)  # fmt: skip
+    t0 = time.time()
+    logger.progress(args.total_steps, initial=step, desc="offline")
+    chunks: dict[int, object] = {}
+    while step < args.total_steps:
+        n = min(args.eval_every, args.total_steps - step)
+        if n not in chunks:
+            chunks[n] = make_train_chunk(update, args.batch_size, args.context_len, n)
+        states, keys, metrics = chunks[n](states, keys, segments, hp)
+        metrics = jax.device_get(metrics)
+        bad = first_nonfinite(metrics, step, seeds)
+        if bad:
+            logger.close()
+            raise FloatingPointError(
+                f"non-finite loss, training stopped at {bad}; the last finite checkpoint is in {logger.run_dir}"
+            )
+        step += n
+        logger.advance(n)
+        logger.metrics(step, metrics)
+        result = evaluate(
+            meta, policy, states.params, num_episodes=args.eval_episodes, seed=args.seed, carry=context
+        )
+        logger.evaluation(step, result, phase="offline")
+        logger.save_checkpoint(states, step, keys, "offline")
+    record = logger.close()
+    final = record["final"]
+    print(f"{step} updates in {time.time() - t0:.0f} s; final normalized score {final['normalized_mean']:.1f} "
+          f"± {final['normalized_std']:.1f} (seeds {seeds}); record: {logger.run_dir / 'record.json'}", flush=True)  # fmt: skip
+    return record
+
+
+if __name__ == "__main__":
+    train(tyro.cli(Args))
