@@ -101,44 +101,43 @@ def silence_mujoco() -> None:
 # --- collection -------------------------------------------------------------------------------
 
 
-def collect(env_id: str, params: dict, num_steps: int, seed: int, stream: int, stochastic=True, pbar=None):
+def collect(pool, env_id: str, params: dict, num_steps: int, seed: int, stream: int, pbar=None) -> list[dict]:
     """Episodes of one policy, in index order, until they hold at least `num_steps` transitions."""
     from collect import run_chunk
 
     episodes, total, next_chunk, pending = [], 0, 0, []
-    ctx = mp.get_context("spawn")  # never fork a process that may hold JAX's threads
-    with ctx.Pool(NUM_WORKERS) as pool:
-        while total < num_steps:
-            while len(pending) < 2 * NUM_WORKERS:
-                idx = list(range(next_chunk * CHUNK_EPISODES, (next_chunk + 1) * CHUNK_EPISODES))
-                pending.append(pool.apply_async(run_chunk, ((env_id, params, seed, stream, idx, stochastic),)))
-                next_chunk += 1
-            for ep in pending.pop(0).get():
-                if total >= num_steps:
-                    break
-                episodes.append(ep)
-                total += len(ep["rewards"])
-                if pbar is not None:
-                    pbar.update(len(ep["rewards"]))
-        pool.terminate()
+    while total < num_steps:
+        while len(pending) < 2 * NUM_WORKERS:
+            idx = list(range(next_chunk * CHUNK_EPISODES, (next_chunk + 1) * CHUNK_EPISODES))
+            pending.append(pool.apply_async(run_chunk, ((env_id, params, seed, stream, idx, True),)))
+            next_chunk += 1
+        for ep in pending.pop(0).get():
+            if total >= num_steps:
+                break
+            episodes.append(ep)
+            total += len(ep["rewards"])
+            if pbar is not None:
+                pbar.update(len(ep["rewards"]))
+    for job in pending:
+        job.wait()  # let the pool drain before the next policy's chunks
     return episodes
 
 
-def collect_level(robot: str, level: str, num_steps: int, seed: int, pbar=None) -> list[dict]:
+def collect_level(pool, robot: str, level: str, num_steps: int, seed: int, pbar=None) -> list[dict]:
     env_id = ROBOTS[robot]
     if level == "medium-expert":
         half = num_steps // 2
-        return collect_level(robot, "medium", half, seed, pbar) + collect_level(
-            robot, "expert", num_steps - half, seed, pbar
-        )
+        medium = collect_level(pool, robot, "medium", half, seed, pbar)
+        return medium + collect_level(pool, robot, "expert", num_steps - half, seed, pbar)
     if level == "medium-replay":
         paths = replay_paths(robot)
         per = int(np.ceil(num_steps / len(paths)))
         episodes = []
         for k, path in enumerate(paths):
-            episodes += collect(env_id, load_params(path), per, seed, 100 + k, pbar=pbar)
+            episodes += collect(pool, env_id, load_params(path), per, seed, 100 + k, pbar)
         return episodes
-    return collect(env_id, load_params(policy_path(robot, level)), num_steps, seed, LEVEL_STREAM[level], pbar=pbar)
+    params = load_params(policy_path(robot, level))
+    return collect(pool, env_id, params, num_steps, seed, LEVEL_STREAM[level], pbar)
 
 
 def default_steps(robot: str, level: str) -> int:
@@ -156,8 +155,11 @@ def write_locomotion(dataset_id: str, robot: str, level: str, num_steps: int, se
 
     silence_mujoco()
     t0 = time.time()
-    with tqdm(total=num_steps, desc=f"collecting {dataset_id}", unit="step", mininterval=2.0) as pbar:
-        episodes = collect_level(robot, level, num_steps, seed, pbar)
+    ctx = mp.get_context("spawn")  # never fork a process that may hold JAX's threads
+    with ctx.Pool(NUM_WORKERS) as pool, tqdm(
+        total=num_steps, desc=f"collecting {dataset_id}", unit="step", mininterval=2.0
+    ) as pbar:
+        episodes = collect_level(pool, robot, level, num_steps, seed, pbar)
     buffers = [
         EpisodeBuffer(
             id=i,
