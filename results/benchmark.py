@@ -1,0 +1,163 @@
+"""Throughput of an algorithm's full-size update: the file's own jitted `lax.scan` of updates,
+vmapped over 1 and 8 seeds, against a plain hand-written jitted single-seed loop (one jitted call
+per update from Python, as CleanRL-style code does) measured in the same run.
+
+    python results/benchmark.py --algo iql          # writes results/throughput/iql__<device>.json
+    python results/benchmark.py --table             # regenerates results/throughput/README.md
+
+Data are random arrays of a locomotion dataset's shapes (hopper: 11-D observations, 3-D actions)
+already on the device, so only the update is timed. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from common.logging import atomic_write, device_name  # noqa: E402
+
+OUT = REPO / "results" / "throughput"
+OBS_DIM, ACTION_DIM, ROWS = 11, 3, 200_000
+
+
+def load_algorithm(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "algorithms" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def iql_setup(module, batch_size: int):
+    args = module.Args(total_steps=1_000_000, dropout=0.0, batch_size=batch_size)
+    init, update, _ = module.make_agent(args, OBS_DIM, ACTION_DIM)
+    rng = np.random.default_rng(0)
+    data = module.Batch(
+        jnp.asarray(rng.normal(size=(ROWS, OBS_DIM)), jnp.float32),
+        jnp.asarray(rng.uniform(-1, 1, (ROWS, ACTION_DIM)), jnp.float32),
+        jnp.asarray(rng.normal(size=ROWS), jnp.float32),
+        jnp.asarray(rng.normal(size=(ROWS, OBS_DIM)), jnp.float32),
+        jnp.ones(ROWS, jnp.float32),
+    )
+    hp = module.Hyper(*(jnp.float32(x) for x in (0.7, 3.0, 0.99, 0.005)))
+    return init, update, data, hp
+
+
+def time_plain_loop(module, init, update, data, hp, batch_size: int, updates: int) -> dict:
+    """One jitted call per update (batch sampled inside it), called from a Python loop."""
+
+    @jax.jit
+    def step(state, key):
+        key, k_batch, k_update = jax.random.split(key, 3)
+        state, metrics = update(state, module.sample_batch(data, k_batch, batch_size), k_update, hp)
+        return state, key, metrics["critic_loss"]
+
+    state, key = init(jax.random.key(0)), jax.random.key(1)
+    t0 = time.perf_counter()
+    state, key, loss = step(state, key)
+    loss.block_until_ready()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(updates):
+        state, key, loss = step(state, key)
+    loss.block_until_ready()
+    return {"compile_s": round(compile_s, 2), "updates_per_s": round(updates / (time.perf_counter() - t0), 1)}
+
+
+def time_scan(module, init, update, data, hp, batch_size: int, num_seeds: int, chunk: int, chunks: int) -> dict:
+    train_chunk = module.make_train_chunk(update, batch_size, chunk)
+    keys = jnp.stack([jax.random.key(s) for s in range(num_seeds)])
+    states = jax.vmap(init)(keys)
+    t0 = time.perf_counter()
+    states, keys, metrics = train_chunk(states, keys, data, hp)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0  # includes one chunk of updates
+    t0 = time.perf_counter()
+    for _ in range(chunks):
+        states, keys, metrics = train_chunk(states, keys, data, hp)
+        jax.device_get(metrics)  # what train() does after every chunk
+    per_seed = chunks * chunk / (time.perf_counter() - t0)
+    return {
+        "num_seeds": num_seeds,
+        "first_chunk_s": round(compile_s, 2),
+        "updates_per_s_per_seed": round(per_seed, 1),
+        "throughput": round(per_seed * num_seeds, 1),
+    }
+
+
+def benchmark(algo: str, seeds: list[int], updates: int, chunk: int, batch_size: int) -> dict:
+    module = load_algorithm(algo)
+    init, update, data, hp = {"iql": iql_setup}[algo](module, batch_size)
+    plain = time_plain_loop(module, init, update, data, hp, batch_size, updates)
+    print(f"plain jitted single-seed loop: {plain}", flush=True)
+    scans = []
+    for n in seeds:
+        res = time_scan(module, init, update, data, hp, batch_size, n, chunk, max(1, updates // chunk))
+        print(f"lax.scan x vmap, {n} seeds: {res}", flush=True)
+        scans.append(res)
+    return {
+        "algorithm": algo,
+        "device": device_name(),
+        "jax_version": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": ["results/benchmark.py", *sys.argv[1:]],
+        "network": "256-256 MLPs (paper size)",
+        "batch_size": batch_size,
+        "plain_loop": plain,
+        "scan_vmap": scans,
+    }
+
+
+def table() -> str:
+    rows = [
+        "# Update throughput",
+        "",
+        "Generated by `python results/benchmark.py --table` from the JSON files here; each file comes from "
+        "`python results/benchmark.py --algo ALGO`. Throughput = seeds x updates/s per seed; the plain loop is "
+        "one jitted call per update from Python, measured in the same run.",
+        "",
+        "| algorithm | device | plain loop (updates/s) | seeds | updates/s per seed | throughput | first chunk (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(OUT.glob("*.json")):
+        r = json.loads(path.read_text())
+        for s in r["scan_vmap"]:
+            rows.append(
+                f"| {r['algorithm']} | {r['device']} ({r['cpu_count']} cores) | {r['plain_loop']['updates_per_s']} | "
+                f"{s['num_seeds']} | {s['updates_per_s_per_seed']} | {s['throughput']} | {s['first_chunk_s']} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--algo", default="iql", choices=["iql"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--updates", type=int, default=2000, help="timed updates per configuration")
+    p.add_argument("--chunk", type=int, default=500, help="updates per lax.scan call")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--table", action="store_true", help="only regenerate results/throughput/README.md")
+    a = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not a.table:
+        result = benchmark(a.algo, a.seeds, a.updates, a.chunk, a.batch_size)
+        name = result["device"].replace(" ", "-").replace("/", "-")
+        atomic_write(OUT / f"{a.algo}__{name}.json", json.dumps(result, indent=1) + "\n")
+    atomic_write(OUT / "README.md", table())
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
