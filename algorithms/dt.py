@@ -155,11 +155,12 @@ class DecisionTransformer(nn.Module):
         """states (B, K, obs_dim), actions (B, K, act_dim), rtg (B, K), timesteps (B, K) int,
         mask (B, K) bool (False = padding) -> predicted actions (B, K, act_dim) in [-1, 1]."""
         B, K = mask.shape
-        dense = lambda: nn.Dense(self.embed_dim, kernel_init=gpt_init())  # noqa: E731
-        t_emb = nn.Embed(self.max_ep_len, self.embed_dim, embedding_init=gpt_init())(timesteps)
-        r_tok = dense()(rtg[..., None]) + t_emb
-        s_tok = dense()(states) + t_emb
-        a_tok = dense()(actions) + t_emb
+        dense = lambda name: nn.Dense(self.embed_dim, kernel_init=gpt_init(), name=name)  # noqa: E731
+        t_emb = nn.Embed(self.max_ep_len, self.embed_dim, embedding_init=gpt_init(), name="embed_timestep")
+        t_emb = t_emb(timesteps)
+        r_tok = dense("embed_return")(rtg[..., None]) + t_emb
+        s_tok = dense("embed_state")(states) + t_emb
+        a_tok = dense("embed_action")(actions) + t_emb
         x = jnp.stack([r_tok, s_tok, a_tok], axis=2).reshape(B, 3 * K, self.embed_dim)  # R_1 s_1 a_1 R_2 ...
         x = nn.Dropout(self.dropout)(nn.LayerNorm()(x), deterministic=not training)
         keys_valid = jnp.repeat(mask, 3, axis=1)  # (B, 3K)
@@ -168,7 +169,7 @@ class DecisionTransformer(nn.Module):
             x = Block(self.embed_dim, self.num_heads, self.dropout)(x, attn_mask, training)
         x = nn.LayerNorm()(x).reshape(B, K, 3, self.embed_dim)
         # a_t is read from the state token s_t: it sees R_<=t, s_<=t and a_<t only.
-        return jnp.tanh(nn.Dense(self.action_dim, kernel_init=gpt_init())(x[:, :, 1]))
+        return jnp.tanh(nn.Dense(self.action_dim, kernel_init=gpt_init(), name="action_head")(x[:, :, 1]))
 
 
 class TrainState(NamedTuple):
@@ -291,12 +292,14 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
 
         loss, grads = jax.value_and_grad(loss_fn)(s.params)
         grad_norm = optax.global_norm(grads)
-        grads = jax.tree_util.tree_map(lambda g: g * jnp.minimum(1.0, hp.grad_clip / (grad_norm + 1e-6)), grads)
+        clip = jnp.minimum(1.0, hp.grad_clip / (grad_norm + 1e-6))  # torch's clip_grad_norm_
+        grads = jax.tree_util.tree_map(lambda g: g * clip, grads)
         direction, opt_state = adam.update(grads, s.opt_state)
         lr = warmup_lr(s.step, hp)
         # torch AdamW: p <- p - lr * (adam_direction + weight_decay * p)
         params = jax.tree_util.tree_map(lambda p, d: p - lr * (d + hp.weight_decay * p), s.params, direction)
-        return TrainState(params, opt_state, s.step + 1), {"action_mse": loss, "grad_norm": grad_norm, "lr": lr}
+        metrics = {"action_mse": loss, "grad_norm": grad_norm, "lr": lr}
+        return TrainState(params, opt_state, s.step + 1), metrics
 
     return init, update, model
 
@@ -349,7 +352,6 @@ def push_step(ctx: Context, obs: jax.Array, prev_reward: jax.Array, rtg_scale, m
     """Shift the window and append step t: its normalized state, R_t = R_{t-1} - r_{t-1} / scale
     (the official update), its timestep, and a zero action placeholder filled after the forward."""
     rtg_now = jnp.where(ctx.t > 0, ctx.rtg_now - prev_reward / rtg_scale, ctx.rtg_now)
-
     return Context(
         jnp.concatenate([ctx.states[..., 1:, :], obs[..., None, :]], axis=-2),
         jnp.concatenate([ctx.actions[..., 1:, :], jnp.zeros_like(ctx.actions[..., :1, :])], axis=-2),
@@ -381,7 +383,7 @@ def train(args: Args) -> dict:
     args = resolve(args, meta)
     segments, obs_mean, obs_std = make_segments(data, args.rtg_scale, args.max_ep_len)
     init, update, model = make_agent(args, meta.obs_dim, meta.action_dim)
-    hp = Hyper(*(jnp.float32(x) for x in (args.learning_rate, args.weight_decay, args.warmup_steps, args.grad_clip)))
+    hp = Hyper(*map(jnp.float32, (args.learning_rate, args.weight_decay, args.warmup_steps, args.grad_clip)))
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
@@ -391,16 +393,19 @@ def train(args: Args) -> dict:
         "dt", args, meta, seeds=seeds, total_steps=args.total_steps, paper_steps=PAPER_STEPS,
         out_dir=args.out_dir, resume=args.resume, tensorboard=not args.no_log,
     )  # fmt: skip
-    print(f"DT on {args.dataset} ({meta.domain}, {meta.size} transitions): target return {args.target_return:g}, "
-          f"rtg scale {args.rtg_scale:g}, K {args.context_len}, max_ep_len {args.max_ep_len}", flush=True)  # fmt: skip
+    print(f"DT on {args.dataset} ({meta.domain}, {meta.size} transitions): target return "
+          f"{args.target_return:g}, rtg scale {args.rtg_scale:g}, K {args.context_len}, "
+          f"max_ep_len {args.max_ep_len}", flush=True)  # fmt: skip
     step = 0
     if args.resume:
         states, step, keys, _ = logger.load_checkpoint(states, keys)
         print(f"resumed from step {step}", flush=True)
 
     policy = make_policy(model, obs_mean, obs_std, args.rtg_scale, args.max_ep_len)
-    context = initial_context(args.num_seeds, args.eval_episodes, args.context_len, meta.obs_dim, meta.action_dim,
-                              args.target_return, args.rtg_scale)  # fmt: skip
+    context = initial_context(
+        args.num_seeds, args.eval_episodes, args.context_len, meta.obs_dim, meta.action_dim,
+        args.target_return, args.rtg_scale,
+    )  # fmt: skip
     t0 = time.time()
     logger.progress(args.total_steps, initial=step, desc="offline")
     chunks: dict[int, object] = {}
@@ -414,7 +419,8 @@ def train(args: Args) -> dict:
         if bad:
             logger.close()
             raise FloatingPointError(
-                f"non-finite loss, training stopped at {bad}; the last finite checkpoint is in {logger.run_dir}"
+                f"non-finite loss, training stopped at {bad}; the last finite checkpoint is in "
+                f"{logger.run_dir}"
             )
         step += n
         logger.advance(n)
@@ -426,8 +432,9 @@ def train(args: Args) -> dict:
         logger.save_checkpoint(states, step, keys, "offline")
     record = logger.close()
     final = record["final"]
-    print(f"{step} updates in {time.time() - t0:.0f} s; final normalized score {final['normalized_mean']:.1f} "
-          f"± {final['normalized_std']:.1f} (seeds {seeds}); record: {logger.run_dir / 'record.json'}", flush=True)  # fmt: skip
+    print(f"{step} updates in {time.time() - t0:.0f} s; final normalized score "
+          f"{final['normalized_mean']:.1f} ± {final['normalized_std']:.1f} (seeds {seeds}); "
+          f"record: {logger.run_dir / 'record.json'}", flush=True)  # fmt: skip
     return record
 
 

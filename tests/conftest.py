@@ -23,8 +23,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+_MUJOCO_LOG = REPO / "MUJOCO_LOG.TXT"
+_HAD_MUJOCO_LOG = _MUJOCO_LOG.exists()
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_TMP, ignore_errors=True)
+    if _MUJOCO_LOG.exists() and not _HAD_MUJOCO_LOG:
+        print(f"\nFAILED: the tests left {_MUJOCO_LOG} behind (silence MuJoCo's warnings)")
+        session.exitstatus = 1
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """Decision Transformer: causality, padding, returns-to-go, segment sampling, the evaluation context
 window, one compile per run, learning on good episodes, and the command line."""
 
+import functools
 import json
 import os
 import subprocess
@@ -9,7 +10,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tyro
@@ -29,32 +29,32 @@ SHORT = [
 
 
 # --- the model: causality and padding ---------------------------------------------------------
+@functools.lru_cache
 def tiny_model(context_len=6, batch=2, obs_dim=3, action_dim=2):
+    """A jitted apply with random O(0.3) weights (GPT-2's 0.02 init makes every effect ~1e-5) and
+    numpy inputs, so nothing but the forward pass compiles."""
     model = dt.DecisionTransformer(action_dim, 16, 2, 2, 50, 0.1)
-    ks = jax.random.split(jax.random.key(0), 5)
+    rng = np.random.default_rng(0)
     inputs = dict(
-        states=jax.random.normal(ks[0], (batch, context_len, obs_dim)),
-        actions=jax.random.uniform(ks[1], (batch, context_len, action_dim), minval=-1, maxval=1),
-        rtg=jax.random.uniform(ks[2], (batch, context_len)),
-        timesteps=jnp.broadcast_to(jnp.arange(context_len) + 7, (batch, context_len)),
-        mask=jnp.ones((batch, context_len), bool),
+        states=rng.normal(size=(batch, context_len, obs_dim)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (batch, context_len, action_dim)).astype(np.float32),
+        rtg=rng.uniform(size=(batch, context_len)).astype(np.float32),
+        timesteps=np.broadcast_to(np.arange(context_len, dtype=np.int32) + 7, (batch, context_len)),
+        mask=np.ones((batch, context_len), bool),
     )
-    params = model.init(ks[3], **inputs)
-    # GPT-2's 0.02 init makes every effect ~1e-5; random O(0.3) weights make "changed" unmistakable.
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    leaves = [0.3 * jax.random.normal(k, x.shape) for k, x in zip(jax.random.split(ks[4], len(leaves)), leaves)]
-    return jax.jit(model.apply), jax.tree_util.tree_unflatten(tree, leaves), inputs
+    shapes = jax.eval_shape(model.init, jax.random.key(0), **inputs)
+    params = jax.tree_util.tree_map(lambda x: (0.3 * rng.normal(size=x.shape)).astype(np.float32), shapes)
+    return jax.jit(model.apply), params, inputs
 
 
-def changed_at(inputs, name, steps, key):
-    """A copy of inputs where `name` is replaced by fresh values at the given steps (all rows)."""
-    x = inputs[name]
+def changed_at(inputs, name, steps, seed):
+    """A copy of inputs where `name` takes fresh values at the given steps (all rows)."""
+    x = inputs[name].copy()
     if name == "timesteps":
-        new = (x + 11) % 50
+        x[:, steps] = (x[:, steps] + 11) % 50
     else:
-        new = x + 1.0 + jax.random.normal(key, x.shape)
-    sel = jnp.zeros(x.shape[1], bool).at[jnp.asarray(steps)].set(True).reshape(1, -1, *([1] * (x.ndim - 2)))
-    return {**inputs, name: jnp.where(sel, new, x)}
+        x[:, steps] += 1.0 + np.random.default_rng(seed).normal(size=x[:, steps].shape).astype(np.float32)
+    return {**inputs, name: x}
 
 
 @pytest.mark.parametrize("name", ["states", "actions", "rtg", "timesteps"])
@@ -62,7 +62,7 @@ def test_causal_changing_step_t_leaves_earlier_predictions(name):
     apply, params, inputs = tiny_model()
     base = apply(params, **inputs)
     for t in (0, 2, 5):
-        out = apply(params, **changed_at(inputs, name, [t], jax.random.key(t)))
+        out = apply(params, **changed_at(inputs, name, [t], t))
         np.testing.assert_allclose(out[:, :t], base[:, :t], atol=1e-6, err_msg=f"{name} at step {t}")
         # The test can fail: what step t's state token sees does move its prediction.
         if name == "actions":  # a_t comes after s_t: it reaches a_hat_{t+1} but not a_hat_t
@@ -75,20 +75,20 @@ def test_causal_changing_step_t_leaves_earlier_predictions(name):
 
 def test_padding_mask_hides_padded_steps():
     apply, params, inputs = tiny_model()
-    mask = jnp.array([[False, False, False, True, True, True], [False, True, True, True, True, True]])
+    mask = np.array([[False, False, False, True, True, True], [False, True, True, True, True, True]])
     pad = [0, 1, 2]  # padded in row 0; row 1 only pads step 0, so steps 1-2 are real there
     padded = {**inputs, "mask": mask}
     base = apply(params, **padded)
     garbage = padded
     for i, name in enumerate(["states", "actions", "rtg", "timesteps"]):
-        garbage = changed_at(garbage, name, pad, jax.random.key(10 + i))
+        garbage = changed_at(garbage, name, pad, 10 + i)
     out = apply(params, **garbage)
     np.testing.assert_allclose(out[0, 3:], base[0, 3:], atol=1e-6)
     # Row 1's steps 1-2 are real and did change: its predictions there must move.
     assert np.abs(out[1, 1:] - base[1, 1:]).max() > 1e-4
     # Without the mask the same garbage reaches the real steps (so the assertion above can fail).
-    unmasked = apply(params, **{**garbage, "mask": jnp.ones_like(mask)})
-    ref = apply(params, **{**padded, "mask": jnp.ones_like(mask)})
+    unmasked = apply(params, **{**garbage, "mask": np.ones_like(mask)})
+    ref = apply(params, **{**padded, "mask": np.ones_like(mask)})
     assert np.abs(unmasked[0, 3:] - ref[0, 3:]).max() > 1e-4
 
 
@@ -114,7 +114,8 @@ def test_segments_left_padded_and_within_one_episode():
     )
     segs, _, _ = dt.make_segments(data, rtg_scale=10.0, max_ep_len=5)
     ctx = 4
-    b = jax.device_get(dt.sample_batch(segs, jax.random.key(0), 512, ctx))
+    sample = jax.jit(dt.sample_batch, static_argnums=(2, 3))
+    b = jax.device_get(sample(segs, jax.random.key(0), 512, ctx))
     episode = np.cumsum(starts) - 1
     ends = np.cumsum(lengths)[episode]
     rtg = dt.returns_to_go(rewards, starts) / 10.0
@@ -140,11 +141,13 @@ def short_run(pendulum_dataset, tmp_path_factory):
     """One CLI run on good pendulum episodes, with jax's compilation log on."""
     out = tmp_path_factory.mktemp("dt-runs")
     env = {**os.environ, "MINARI_DATASETS_PATH": os.environ["MINARI_DATASETS_PATH"], "JAX_LOG_COMPILES": "1"}
-    cmd = [sys.executable, "algorithms/dt.py", "--dataset", pendulum_dataset, *SHORT, "--out-dir", str(out), "--no-log"]
+    cmd = [sys.executable, "algorithms/dt.py", "--dataset", pendulum_dataset, *SHORT, "--out-dir", str(out)]
+    cmd.append("--no-log")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (run_dir,) = sorted((out / "dt").iterdir())
-    return SimpleNamespace(proc=proc, run_dir=run_dir, record=json.loads((run_dir / "record.json").read_text()))
+    record = json.loads((run_dir / "record.json").read_text())
+    return SimpleNamespace(proc=proc, run_dir=run_dir, record=record)
 
 
 def test_command_line_run_writes_record_and_checkpoint(short_run):
@@ -181,18 +184,20 @@ def test_evaluation_and_training_compile_once(short_run):
 
 
 def test_context_window_holds_last_steps_of_each_env(short_run, pendulum_dataset):
-    """Seed 0 = the trained model (balances 100 steps), seed 1 = an untrained one (falls early, at
-    different times); after t steps every env's window is exactly its own last min(t, K) steps."""
+    """Seed 0 = the trained model (balances all 100 steps), seed 1 = the same with its action head
+    zeroed (always pushes 0, so its episodes fall early, at different times); after t steps every
+    env's window is exactly its own last min(t, K) steps."""
     from common.data import load_dataset
     from common.evaluation import evaluate
 
     data, meta = load_dataset(pendulum_dataset)
     args = dt.resolve(tyro.cli(dt.Args, args=["--dataset", pendulum_dataset, *SHORT]), meta)
-    init, _, model = dt.make_agent(args, meta.obs_dim, meta.action_dim)
+    _, _, model = dt.make_agent(args, meta.obs_dim, meta.action_dim)
     raw = serialization.msgpack_restore((short_run.run_dir / "checkpoint.msgpack").read_bytes())
-    trained = jax.tree_util.tree_map(lambda x: jnp.asarray(x[0]), raw["state"]["params"])
-    untrained = init(jax.random.key(123)).params
-    params = jax.tree_util.tree_map(lambda *x: jnp.stack(x), trained, untrained)
+    params = raw["state"]["params"]  # stacked over seeds: (1, ...)
+    params = jax.tree_util.tree_map(lambda x: np.concatenate([x, x]), params)
+    for leaf in params["params"]["action_head"].values():
+        leaf[1] = 0.0
     _, mean, std = dt.make_segments(data, args.rtg_scale, args.max_ep_len)
     policy = dt.make_policy(model, mean, std, args.rtg_scale, args.max_ep_len)
     calls = []
@@ -203,14 +208,17 @@ def test_context_window_holds_last_steps_of_each_env(short_run, pendulum_dataset
         return actions, carry
 
     episodes = 3
-    carry = dt.initial_context(2, episodes, K, meta.obs_dim, meta.action_dim, args.target_return, args.rtg_scale)
+    target, scale = args.target_return, args.rtg_scale
+    carry = dt.initial_context(2, episodes, K, meta.obs_dim, meta.action_dim, target, scale)
     result = evaluate(meta, recording, params, num_episodes=episodes, seed=0, carry=carry)
-    assert len(np.unique(result.lengths)) >= 3 and result.lengths.max() >= 25, result.lengths
+    # Envs ended at different times, some before step 20 and some after step 25.
+    lengths = result.lengths
+    assert len(np.unique(lengths)) >= 3 and lengths.min() < 20 and lengths.max() > 25, lengths
     assert policy._cache_size() == 1
     obs = np.stack([c[0] for c in calls])  # (T, seeds, episodes, obs_dim)
     prev = np.stack([c[1] for c in calls]).astype(np.float64)
     acts = np.stack([c[2] for c in calls])
-    rtg = args.target_return / args.rtg_scale - np.cumsum(prev, 0) / args.rtg_scale  # R_t = R_{t-1} - r_{t-1}/scale
+    rtg = target / scale - np.cumsum(prev, 0) / scale  # R_t = R_{t-1} - r_{t-1} / scale, r_{-1} = 0
     for t in (3, K, 20, 25):
         ctx = calls[t - 1][3]
         n = min(t, K)
@@ -218,7 +226,8 @@ def test_context_window_holds_last_steps_of_each_env(short_run, pendulum_dataset
         np.testing.assert_array_equal(ctx.t, t)
         np.testing.assert_array_equal(ctx.mask, np.broadcast_to(np.arange(K) >= K - n, ctx.mask.shape))
         np.testing.assert_array_equal(ctx.timesteps[..., K - n :], np.broadcast_to(steps, (2, episodes, n)))
-        np.testing.assert_allclose(ctx.states[..., K - n :, :], np.moveaxis((obs[steps] - mean) / std, 0, 2), atol=1e-5)
+        norm_obs = (obs[steps] - mean) / std  # (n, seeds, episodes, obs_dim)
+        np.testing.assert_allclose(ctx.states[..., K - n :, :], np.moveaxis(norm_obs, 0, 2), atol=1e-5)
         np.testing.assert_allclose(ctx.actions[..., K - n :, :], np.moveaxis(acts[steps], 0, 2), atol=1e-6)
         np.testing.assert_allclose(ctx.rtg[..., K - n :], np.moveaxis(rtg[steps], 0, 2), rtol=1e-5, atol=1e-6)
         assert not ctx.states[..., : K - n, :].any() and not ctx.actions[..., : K - n, :].any()
