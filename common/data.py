@@ -14,7 +14,9 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -69,7 +71,18 @@ class Meta:
         """The evaluation environment (registered time limit included)."""
         _register_robotics(self.env_spec.id)
         silence_mujoco()
-        return gym.make(self.env_spec, **kwargs)
+        if "gymnasium_robotics" not in str(self.env_spec.entry_point):
+            return gym.make(self.env_spec, **kwargs)
+        # gymnasium-robotics' mazes write an XML file into the temp root on every construction and
+        # never delete it; MuJoCo has read it once the env exists, so build in a folder we remove.
+        tmp = tempfile.mkdtemp(prefix="jaxorl-env-")
+        previous = tempfile.tempdir
+        tempfile.tempdir = tmp
+        try:
+            return gym.make(self.env_spec, **kwargs)
+        finally:
+            tempfile.tempdir = previous
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def flatten_obs(self, obs) -> np.ndarray:
         """Env observation(s) -> the flat float32 vector the dataset uses."""

@@ -288,7 +288,7 @@ def main(argv=None) -> int:
     for dataset_id in ids:
         try:
             build(dataset_id, num_steps=args.num_steps, seed=args.seed, force=args.force)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError, ImportError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     return 0

@@ -73,6 +73,8 @@ class Args:
     """do not train: copy random/replay/medium/expert policies to datasets/policies"""
     medium_fraction: float = 1 / 3
     """medium = first snapshot whose return reaches this fraction of the expert's (D4RL)"""
+    max_replay_snapshots: int = 10
+    """medium-replay is collected from at most this many snapshots, evenly spaced from init to medium"""
 
 
 class Actor(nn.Module):
@@ -335,6 +337,16 @@ def train(args: Args):
     print(f"done: {args.robot} trained to step {args.total_steps}", flush=True)
 
 
+def replay_snapshots(snaps: list[dict], medium: dict, most: int) -> list[dict]:
+    """Snapshots from initialization to medium in training order, thinned evenly to at most `most`
+    (first and last kept) so the shipped files stay small."""
+    upto = [s for s in snaps if s["step"] <= medium["step"]]
+    if len(upto) <= most:
+        return upto
+    keep = sorted({int(round(i)) for i in np.linspace(0, len(upto) - 1, most)})
+    return [upto[i] for i in keep]
+
+
 def ship(args: Args):
     """Copy random (init), replay snapshots (up to medium), medium and expert into datasets/policies."""
     work = Path(args.work_dir).expanduser() / args.robot
@@ -367,7 +379,7 @@ def ship(args: Args):
         "random": entry(snaps[0]),
         "medium": entry(medium),
         "expert": entry(expert),
-        "replay": [entry(s) for s in snaps if s["step"] <= medium["step"]],
+        "replay": [entry(s) for s in replay_snapshots(snaps, medium, args.max_replay_snapshots)],
     }
     atomic_write_bytes(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     print(json.dumps(manifest[args.robot], indent=2))
