@@ -35,12 +35,14 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 
 def git_state() -> tuple[str, bool]:
+    """(commit, dirty): dirty if the code a run executes (common/, datasets/ and the running
+    algorithm file) differs from that commit."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--", "common", "datasets", command_name()],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
