@@ -419,15 +419,12 @@ def train(args: Args) -> dict:
         if bad:
             logger.close()
             raise FloatingPointError(
-                f"non-finite loss, training stopped at {bad}; the last finite checkpoint is in "
-                f"{logger.run_dir}"
+                f"non-finite loss, training stopped at {bad}; the last finite checkpoint is in {logger.run_dir}"
             )
         step += n
         logger.advance(n)
         logger.metrics(step, metrics)
-        result = evaluate(
-            meta, policy, states.params, num_episodes=args.eval_episodes, seed=args.seed, carry=context
-        )
+        result = evaluate(meta, policy, states.params, num_episodes=args.eval_episodes, seed=args.seed, carry=context)
         logger.evaluation(step, result, phase="offline")
         logger.save_checkpoint(states, step, keys, "offline")
     record = logger.close()

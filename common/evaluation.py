@@ -11,7 +11,8 @@ it. Episode j of every seed resets with `seed + j`, so all seeds face the same s
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import jax

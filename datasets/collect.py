@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
-
 from policy import act
 
 

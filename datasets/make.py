@@ -21,7 +21,6 @@ leaves nothing that Minari lists or loads.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import re
@@ -156,9 +155,10 @@ def write_locomotion(dataset_id: str, robot: str, level: str, num_steps: int, se
     silence_mujoco()
     t0 = time.time()
     ctx = mp.get_context("spawn")  # never fork a process that may hold JAX's threads
-    with ctx.Pool(NUM_WORKERS) as pool, tqdm(
-        total=num_steps, desc=f"collecting {dataset_id}", unit="step", mininterval=2.0
-    ) as pbar:
+    with (
+        ctx.Pool(NUM_WORKERS) as pool,
+        tqdm(total=num_steps, desc=f"collecting {dataset_id}", unit="step", mininterval=2.0) as pbar,
+    ):
         episodes = collect_level(pool, robot, level, num_steps, seed, pbar)
     buffers = [
         EpisodeBuffer(

@@ -153,17 +153,13 @@ def shortest_path(maze_map: Sequence[Sequence], start_cell, goal_cell) -> list[t
 def cell_to_xy(cell, maze_map: Sequence[Sequence], scaling: float = 1.0) -> np.ndarray:
     """Centre of cell (row, col) in world coordinates (gymnasium-robotics' Maze.cell_rowcol_to_xy)."""
     rows, cols = len(maze_map), len(maze_map[0])
-    return np.array(
-        [(cell[1] + 0.5) * scaling - cols / 2 * scaling, rows / 2 * scaling - (cell[0] + 0.5) * scaling]
-    )
+    return np.array([(cell[1] + 0.5) * scaling - cols / 2 * scaling, rows / 2 * scaling - (cell[0] + 0.5) * scaling])
 
 
 def xy_to_cell(xy, maze_map: Sequence[Sequence], scaling: float = 1.0) -> tuple[int, int]:
     """The (row, col) cell holding world position `xy` (gymnasium-robotics' Maze.cell_xy_to_rowcol)."""
     rows, cols = len(maze_map), len(maze_map[0])
-    return int(np.floor((rows / 2 * scaling - xy[1]) / scaling)), int(
-        np.floor((xy[0] + cols / 2 * scaling) / scaling)
-    )
+    return int(np.floor((rows / 2 * scaling - xy[1]) / scaling)), int(np.floor((xy[0] + cols / 2 * scaling) / scaling))
 
 
 class WaypointPlanner:
@@ -229,9 +225,7 @@ class WaypointPlanner:
         return w
 
 
-def point_action(
-    observation: np.ndarray, waypoint: np.ndarray, noise: np.ndarray | None = None
-) -> np.ndarray:
+def point_action(observation: np.ndarray, waypoint: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
     """The point's PD controller: clip(10 (waypoint - position) - 1 velocity, -1, 1) [+ noise, clipped]."""
     a = np.clip(P_GAIN * (waypoint - observation[:2]) - D_GAIN * observation[2:4], -1.0, 1.0)
     if noise is not None:
@@ -297,9 +291,7 @@ def collect_continuing(
             noise = noise_std * noise_rng.standard_normal((block, action_dim))
             if progress is not None and t:
                 progress(block)  # steps t - block .. t - 1
-        a = act(obs["observation"], planner.waypoint(obs["achieved_goal"]), noise[t % block]).astype(
-            np.float32
-        )
+        a = act(obs["observation"], planner.waypoint(obs["achieved_goal"]), noise[t % block]).astype(np.float32)
         obs, r, _, _, _ = u.step(a)
         actions[t], rewards[t] = a, r
         observations[t + 1], achieved[t + 1] = obs["observation"], obs["achieved_goal"]
@@ -386,9 +378,7 @@ def make_collection_env(maze: str, variant: str):
 def make_eval_env(maze: str, variant: str):
     import gymnasium as gym
 
-    return gym.make(
-        env_id(maze, variant), maze_map=eval_maze_map(maze), continuing_task=True, reset_target=False
-    )
+    return gym.make(env_id(maze, variant), maze_map=eval_maze_map(maze), continuing_task=True, reset_target=False)
 
 
 class ExpertPolicy:
@@ -406,9 +396,7 @@ class ExpertPolicy:
         if self.goal is None or not np.array_equal(obs["desired_goal"], self.goal):
             self.goal = obs["desired_goal"].copy()
             self.planner.plan(obs["achieved_goal"], self.goal)
-        return point_action(obs["observation"], self.planner.waypoint(obs["achieved_goal"])).astype(
-            np.float32
-        )
+        return point_action(obs["observation"], self.planner.waypoint(obs["achieved_goal"])).astype(np.float32)
 
 
 def expert_returns(env, policy: ExpertPolicy, num_episodes: int) -> tuple[np.ndarray, np.ndarray]:

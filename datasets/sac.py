@@ -328,8 +328,11 @@ def train(args: Args):
             recent = [e[1] for e in episode_log[-10:]]
             sps = (t - start) / (time.time() - t0)
             m = {k: round(float(v), 3) for k, v in metrics.items()}
-            print(f"step {t}: eval {rec['return_mean']:.1f} ± {rec['return_std']:.1f} "
-                  f"train {np.mean(recent) if recent else 0:.1f} | {sps:.0f} steps/s | {m}", flush=True)
+            print(
+                f"step {t}: eval {rec['return_mean']:.1f} ± {rec['return_std']:.1f} "
+                f"train {np.mean(recent) if recent else 0:.1f} | {sps:.0f} steps/s | {m}",
+                flush=True,
+            )
             if not all(np.isfinite(float(v)) for v in metrics.values()):
                 raise FloatingPointError(f"non-finite SAC metrics at step {t}: {m}")
         if t % args.checkpoint_every == 0 or t == args.total_steps:
