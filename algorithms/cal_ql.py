@@ -25,7 +25,8 @@ Online, every seed's environment runs continuously; after every `collect_steps` 
 Monte-Carlo return needs the end; the official code likewise collects a whole trajectory, then updates.
 
     python algorithms/cal_ql.py                                # local/hopper/medium-v0, 1M + 1M
-    python algorithms/cal_ql.py --dataset local/pointmaze/umaze-sparse-v0 --total-steps 10000 --online-steps 10000
+    python algorithms/cal_ql.py --dataset local/pointmaze/umaze-sparse-v0 --num-seeds 2 \
+        --total-steps 10000 --online-steps 10000
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -180,7 +182,12 @@ class Critics(nn.Module):
     @nn.compact
     def __call__(self, obs, action):
         twin = nn.vmap(
-            MLP, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0, axis_size=2
+            MLP,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=0,
+            axis_size=2,
         )
         return twin(self.hidden_dims, 1)(jnp.concatenate([obs, action], -1))[..., 0]
 
@@ -235,6 +242,7 @@ class Hyper(NamedTuple):
 
     calibrate: jax.Array  # 0 or 1
     cql_alpha: jax.Array
+    cql_lagrange: jax.Array  # 0 or 1
     cql_temp: jax.Array
     target_action_gap: jax.Array
     clip_diff_min: jax.Array
@@ -365,12 +373,14 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
                 hp.cql_temp, hp.clip_diff_min, hp.clip_diff_max, args.cql_importance_sample,
             )  # fmt: skip
             bellman = ((q_data - y) ** 2).mean(-1).sum()
-            if args.cql_lagrange:
-                alpha_prime = jax.lax.stop_gradient(alpha_prime_of(params["log_alpha_prime"]))
-                penalty = (alpha_prime * hp.cql_alpha * (gap - hp.target_action_gap)).sum()
-                dual_loss = lagrange_loss(params["log_alpha_prime"], gap, hp.cql_alpha, hp.target_action_gap)
-            else:
-                alpha_prime, penalty, dual_loss = jnp.zeros(()), (hp.cql_alpha * gap).sum(), jnp.zeros(())
+            # Lagrange (a 0/1 array, so one compiled update serves both forms): weight alpha' * alpha_cql
+            # on gap - target_action_gap; else alpha_cql on the gap itself.
+            alpha_prime = hp.cql_lagrange * jax.lax.stop_gradient(alpha_prime_of(params["log_alpha_prime"]))
+            weight = jnp.where(hp.cql_lagrange > 0, alpha_prime, 1.0) * hp.cql_alpha
+            penalty = (weight * (gap - hp.cql_lagrange * hp.target_action_gap)).sum()
+            dual_loss = hp.cql_lagrange * lagrange_loss(
+                params["log_alpha_prime"], gap, hp.cql_alpha, hp.target_action_gap
+            )
             critic_loss = bellman + penalty
             metrics = {
                 "actor_loss": actor_loss,
@@ -392,8 +402,13 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(s.params)
         updates, opt = adam.update(grads, s.opt)
-        lrs = {"actor": hp.policy_lr, "critic": hp.qf_lr, "log_alpha": hp.policy_lr, "log_alpha_prime": hp.qf_lr}
-        params = {k: jax.tree_util.tree_map(lambda p, u: p - lrs[k] * u, s.params[k], updates[k]) for k in s.params}
+        lrs = {
+            "actor": jax.tree_util.tree_map(lambda _: hp.policy_lr, s.params["actor"]),
+            "critic": jax.tree_util.tree_map(lambda _: hp.qf_lr, s.params["critic"]),
+            "log_alpha": hp.policy_lr,
+            "log_alpha_prime": hp.qf_lr,
+        }
+        params = jax.tree_util.tree_map(lambda p, u, lr: p - lr * u, s.params, updates, lrs)
         target = optax.incremental_update(params["critic"], s.target_critic, hp.tau)
         return TrainState(params, target, opt, s.obs_mean, s.obs_std), metrics
 
@@ -443,9 +458,9 @@ def make_train_chunk(update, sampler, num_updates: int, data_axes):
 
 
 # --- Online fine-tuning -----------------------------------------------------------------------
-@jax.jit
+@partial(jax.jit, donate_argnums=(0,))
 def _insert(buf: Batch, n_online, rows: Batch) -> Batch:
-    """Write each seed's fixed-size block of rows at its own insertion index (padding is overwritten later)."""
+    """Write each seed's block of rows at its own insertion index (the padding is overwritten later)."""
 
     def one(b, n, r):
         return jax.lax.dynamic_update_slice(b, r, (n,) + (0,) * (b.ndim - 1))
@@ -463,17 +478,21 @@ def online_phase(args, meta, states, keys, offline, update, act, hp, logger, pol
     block = collect + horizon  # trajectories finished in one collection round have fewer rows than this
     obs_dim, action_dim = meta.obs_dim, meta.action_dim
     cap = args.online_steps + block
-    buf = Batch(*(jnp.zeros((num_seeds, cap) + shape) for shape in [(obs_dim,), (action_dim,), (), (obs_dim,), (), ()]))
+    shapes = [(obs_dim,), (action_dim,), (), (obs_dim,), (), ()]
+    buf = Batch(*(jnp.zeros((num_seeds, cap) + shape) for shape in shapes))  # (num_seeds, cap, ...)
     n_online = np.zeros(num_seeds, np.int32)
     mean, std = np.asarray(states.obs_mean[0]), np.asarray(states.obs_std[0])
 
     @jax.jit
     def explore(actor_params, obs_mean, obs_std, obs, keys):
         keys, k_act = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-        return jax.vmap(lambda p, m, sd, o, k: act(p, m, sd, o, k, False))(actor_params, obs_mean, obs_std, obs, k_act), keys
+        return jax.vmap(lambda p, m, sd, o, k: act(p, m, sd, o, k, False))(
+            actor_params, obs_mean, obs_std, obs, k_act
+        ), keys
 
     chunks: dict[int, object] = {}
-    running = [[] for _ in seeds]  # the unfinished trajectory of each seed: (obs, action, reward, next_obs, term)
+    # The unfinished trajectory of each seed, as (obs, action, reward, next_obs, terminal) tuples.
+    running = [[] for _ in seeds]
     obs = meta.flatten_obs(envs.reset(seed=[args.seed + 1000 + i for i in range(num_seeds)])[0])
     low, high = meta.action_space.low, meta.action_space.high
     logger.progress(args.online_steps, desc="online")
@@ -519,8 +538,8 @@ def online_phase(args, meta, states, keys, offline, update, act, hp, logger, pol
 def stack_trajectories(trajectories, process, args, obs_mean, obs_std, block, obs_dim, action_dim):
     """Finished trajectories of one seed -> (a Batch of `block` rows, zero-padded; the real row count),
     with processed rewards and their Monte-Carlo returns."""
-    cols = [np.zeros((block, obs_dim)), np.zeros((block, action_dim)), np.zeros(block), np.zeros((block, obs_dim)),
-            np.zeros(block), np.zeros(block)]  # fmt: skip
+    shapes = [(obs_dim,), (action_dim,), (), (obs_dim,), (), ()]
+    cols = [np.zeros((block,) + shape) for shape in shapes]
     k = 0
     for traj in trajectories:
         o, a, r, o2, d = (np.asarray(x) for x in zip(*traj))
@@ -536,6 +555,17 @@ def stack_trajectories(trajectories, process, args, obs_mean, obs_std, block, ob
             col[k : k + len(r)] = x
         k += len(r)
     return Batch(*(c.astype(np.float32) for c in cols)), k
+
+
+def make_hyper(args: Args, action_dim: int) -> Hyper:
+    values = dict(
+        calibrate=float(args.calibrate), cql_alpha=args.cql_alpha, cql_lagrange=float(args.cql_lagrange),
+        cql_temp=args.cql_temp, target_action_gap=args.target_action_gap,
+        clip_diff_min=args.cql_clip_diff_min, clip_diff_max=args.cql_clip_diff_max, policy_lr=args.policy_lr,
+        qf_lr=args.qf_lr, discount=args.discount, tau=args.tau, alpha_multiplier=args.alpha_multiplier,
+        target_entropy=-float(action_dim) if args.target_entropy is None else args.target_entropy,
+    )  # fmt: skip
+    return Hyper(**{k: jnp.float32(v) for k, v in values.items()})
 
 
 # --- Training ---------------------------------------------------------------------------------
@@ -565,26 +595,23 @@ def train(args: Args) -> dict:
         jnp.asarray(mc_returns(rewards, terminals, episode_ends, args.discount, failure)),
     )
     init, update, act = make_agent(args, meta.obs_dim, meta.action_dim)
-    target_entropy = -float(meta.action_dim) if args.target_entropy is None else args.target_entropy
-    hp = Hyper(*(jnp.float32(x) for x in (
-        float(args.calibrate), args.cql_alpha, args.cql_temp, args.target_action_gap, args.cql_clip_diff_min,
-        args.cql_clip_diff_max, args.policy_lr, args.qf_lr, args.discount, args.tau, args.alpha_multiplier,
-        target_entropy,
-    )))  # fmt: skip
+    hp = make_hyper(args, meta.action_dim)
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    states = jax.vmap(init, in_axes=(0, None, None))(init_keys, jnp.float32(obs_mean), jnp.float32(obs_std))
+    init_all = jax.jit(jax.vmap(init, in_axes=(0, None, None)))  # jitted: eager flax init compiles op by op
+    states = init_all(init_keys, jnp.float32(obs_mean), jnp.float32(obs_std))
 
     logger = RunLogger(
         "cal_ql", args, meta, seeds=seeds, total_steps=args.total_steps, online_steps=args.online_steps,
         paper_steps=PAPER_STEPS, out_dir=args.out_dir, resume=args.resume, tensorboard=not args.no_log,
     )  # fmt: skip
     print(f"Cal-QL on {args.dataset} ({meta.domain}, {meta.size} transitions): calibrate {args.calibrate}, "
-          f"cql_alpha {args.cql_alpha}, lagrange {args.cql_lagrange} (gap {args.target_action_gap}), max backup "
-          f"{args.max_target_backup}, policy lr {args.policy_lr}, actor {args.hidden_dims}, critics "
-          f"{args.critic_hidden_dims}, state norm {args.normalize_states}, reward x{scale:.4g} "
-          f"{args.reward_bias:+}, sparse {args.sparse_rewards}, mixing {args.mixing_ratio}", flush=True)  # fmt: skip
+          f"cql_alpha {args.cql_alpha}, lagrange {args.cql_lagrange} (gap {args.target_action_gap}), "
+          f"max backup {args.max_target_backup}, policy lr {args.policy_lr}, actor {args.hidden_dims}, "
+          f"critics {args.critic_hidden_dims}, state norm {args.normalize_states}, reward x{scale:.4g} "
+          f"{args.reward_bias:+}, sparse {args.sparse_rewards}, mixing {args.mixing_ratio}",
+          flush=True)  # fmt: skip
     step, phase = 0, "offline"
     if args.resume:
         states, step, keys, phase = logger.load_checkpoint(states, keys)

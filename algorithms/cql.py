@@ -117,7 +117,7 @@ class Args:
 
 
 # Presets per domain, from CORL's tuned configs (configs/offline/cql/*).
-_LOCOMOTION = dict(
+_DENSE = dict(
     policy_lr=3e-5, hidden_dims=(256, 256, 256), critic_hidden_dims=(256, 256, 256), cql_alpha=10.0,
     cql_lagrange=False, target_action_gap=-1.0, max_target_backup=False, cql_clip_diff_min=-float("inf"),
     normalize_states=True, normalize_rewards=True, reward_scale=1.0, reward_bias=0.0,
@@ -127,7 +127,7 @@ _MAZE = dict(
     cql_lagrange=True, target_action_gap=0.8, max_target_backup=True, cql_clip_diff_min=-200.0,
     normalize_states=False, normalize_rewards=False, reward_scale=10.0, reward_bias=-5.0,
 )  # fmt: skip
-PRESETS = {"locomotion": _LOCOMOTION, "antmaze": _MAZE, "pointmaze": _MAZE, "adroit": _LOCOMOTION, "kitchen": _LOCOMOTION}
+PRESETS = {"locomotion": _DENSE, "antmaze": _MAZE, "pointmaze": _MAZE, "adroit": _DENSE, "kitchen": _DENSE}
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 ACTION_CLIP = 0.999  # JaxCQL clips dataset actions so that log pi(a_data|s) stays finite
 PAPER_STEPS = (1_000_000, 0)
@@ -163,7 +163,12 @@ class Critics(nn.Module):
     @nn.compact
     def __call__(self, obs, action):
         twin = nn.vmap(
-            MLP, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0, axis_size=2
+            MLP,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=0,
+            axis_size=2,
         )
         return twin(self.hidden_dims, 1)(jnp.concatenate([obs, action], -1))[..., 0]
 
@@ -218,6 +223,7 @@ class Hyper(NamedTuple):
     """Numeric hyperparameters that do not change shapes, as float32 arrays (vmappable)."""
 
     cql_alpha: jax.Array
+    cql_lagrange: jax.Array  # 0 or 1
     cql_temp: jax.Array
     target_action_gap: jax.Array
     clip_diff_min: jax.Array
@@ -318,18 +324,25 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
             a_cur, logp_cur = jax.lax.stop_gradient((a_cur, logp_cur))
             actions = jnp.concatenate([batch.actions[:, None], a_rand, a_next, a_cur], 1)
             q = q_multi(critic, params["critic"], batch.observations, actions)  # (2, B, 1 + 3n)
-            q_data = q[..., 0]
+            q_data, q_rand, q_next, q_cur = (
+                q[..., 0],
+                q[..., 1 : 1 + n],
+                q[..., 1 + n : 1 + 2 * n],
+                q[..., 1 + 2 * n :],
+            )
             gap, ood = cql_penalty(
-                q_data, q[..., 1 : 1 + n], q[..., 1 + n : 1 + 2 * n], q[..., 1 + 2 * n :], logp_next, logp_cur,
-                action_dim, hp.cql_temp, hp.clip_diff_min, hp.clip_diff_max, args.cql_importance_sample,
+                q_data, q_rand, q_next, q_cur, logp_next, logp_cur, action_dim, hp.cql_temp, hp.clip_diff_min,
+                hp.clip_diff_max, args.cql_importance_sample,
             )  # fmt: skip
             bellman = ((q_data - y) ** 2).mean(-1).sum()
-            if args.cql_lagrange:
-                alpha_prime = jax.lax.stop_gradient(alpha_prime_of(params["log_alpha_prime"]))
-                penalty = (alpha_prime * hp.cql_alpha * (gap - hp.target_action_gap)).sum()
-                dual_loss = lagrange_loss(params["log_alpha_prime"], gap, hp.cql_alpha, hp.target_action_gap)
-            else:
-                alpha_prime, penalty, dual_loss = jnp.zeros(()), (hp.cql_alpha * gap).sum(), jnp.zeros(())
+            # Lagrange (a 0/1 array, so one compiled update serves both forms): weight alpha' * alpha_cql
+            # on gap - target_action_gap; else alpha_cql on the gap itself.
+            alpha_prime = hp.cql_lagrange * jax.lax.stop_gradient(alpha_prime_of(params["log_alpha_prime"]))
+            weight = jnp.where(hp.cql_lagrange > 0, alpha_prime, 1.0) * hp.cql_alpha
+            penalty = (weight * (gap - hp.cql_lagrange * hp.target_action_gap)).sum()
+            dual_loss = hp.cql_lagrange * lagrange_loss(
+                params["log_alpha_prime"], gap, hp.cql_alpha, hp.target_action_gap
+            )
             critic_loss = bellman + penalty
             metrics = {
                 "actor_loss": actor_loss,
@@ -349,8 +362,13 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(s.params)
         updates, opt = adam.update(grads, s.opt)
-        lrs = {"actor": hp.policy_lr, "critic": hp.qf_lr, "log_alpha": hp.policy_lr, "log_alpha_prime": hp.qf_lr}
-        params = {k: jax.tree_util.tree_map(lambda p, u: p - lrs[k] * u, s.params[k], updates[k]) for k in s.params}
+        lrs = {
+            "actor": jax.tree_util.tree_map(lambda _: hp.policy_lr, s.params["actor"]),
+            "critic": jax.tree_util.tree_map(lambda _: hp.qf_lr, s.params["critic"]),
+            "log_alpha": hp.policy_lr,
+            "log_alpha_prime": hp.qf_lr,
+        }
+        params = jax.tree_util.tree_map(lambda p, u, lr: p - lr * u, s.params, updates, lrs)
         target = optax.incremental_update(params["critic"], s.target_critic, hp.tau)
         return TrainState(params, target, opt, s.obs_mean, s.obs_std, s.step + 1), metrics
 
@@ -393,13 +411,16 @@ def make_train_chunk(update, batch_size: int, num_updates: int):
 
 
 def make_hyper(args: Args, action_dim: int) -> Hyper:
-    target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
-    values = (
-        args.cql_alpha, args.cql_temp, args.target_action_gap, args.cql_clip_diff_min, args.cql_clip_diff_max,
-        args.policy_lr, args.qf_lr, args.discount, args.tau, args.alpha_multiplier, target_entropy,
-        float(args.backup_entropy), args.bc_steps,
+    values = dict(
+        cql_alpha=args.cql_alpha, cql_lagrange=float(args.cql_lagrange), cql_temp=args.cql_temp,
+        target_action_gap=args.target_action_gap, clip_diff_min=args.cql_clip_diff_min,
+        clip_diff_max=args.cql_clip_diff_max, policy_lr=args.policy_lr, qf_lr=args.qf_lr,
+        discount=args.discount, tau=args.tau, alpha_multiplier=args.alpha_multiplier,
+        backup_entropy=float(args.backup_entropy),
+        target_entropy=-float(action_dim) if args.target_entropy is None else args.target_entropy,
+        bc_steps=args.bc_steps,
     )  # fmt: skip
-    return Hyper(*(jnp.float32(x) for x in values))
+    return Hyper(**{k: jnp.float32(v) for k, v in values.items()})
 
 
 # --- Training ---------------------------------------------------------------------------------
@@ -423,14 +444,16 @@ def train(args: Args) -> dict:
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    states = jax.vmap(init, in_axes=(0, None, None))(init_keys, jnp.float32(obs_mean), jnp.float32(obs_std))
+    init_all = jax.jit(jax.vmap(init, in_axes=(0, None, None)))  # jitted: eager flax init compiles op by op
+    states = init_all(init_keys, jnp.float32(obs_mean), jnp.float32(obs_std))
 
     logger = RunLogger(
         "cql", args, meta, seeds=seeds, total_steps=args.total_steps, online_steps=0, paper_steps=PAPER_STEPS,
         out_dir=args.out_dir, resume=args.resume, tensorboard=not args.no_log,
     )  # fmt: skip
     print(f"CQL on {args.dataset} ({meta.domain}, {meta.size} transitions): cql_alpha {args.cql_alpha}, "
-          f"lagrange {args.cql_lagrange} (gap {args.target_action_gap}), max backup {args.max_target_backup}, "
+          f"lagrange {args.cql_lagrange} (gap {args.target_action_gap}), "
+          f"max backup {args.max_target_backup}, "
           f"policy lr {args.policy_lr}, actor {args.hidden_dims}, critics {args.critic_hidden_dims}, "
           f"state norm {args.normalize_states}, reward norm {args.normalize_rewards} "
           f"(x{args.reward_scale} {args.reward_bias:+})", flush=True)  # fmt: skip
