@@ -73,7 +73,7 @@ def test_update_moves_value_toward_expectile_and_has_gradients():
         rng.normal(size=(32, 3)), np.ones(32),
     )))  # fmt: skip
     hp = iql.Hyper(*(jnp.float32(x) for x in (0.7, 3.0, 0.99, 0.005)))
-    new, metrics = update(state, batch, jax.random.key(1), hp)
+    new, metrics = jax.jit(update)(state, batch, jax.random.key(1), hp)
     for old, upd in [(state.value, new.value), (state.critic, new.critic), (state.actor, new.actor)]:
         delta = jax.tree_util.tree_map(lambda a, b: jnp.abs(a - b).max(), old, upd)
         assert max(jax.tree_util.tree_leaves(delta)) > 0
