@@ -445,7 +445,9 @@ def train(args: Args) -> dict:
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     init_all = jax.jit(jax.vmap(init, in_axes=(0, None, None)))  # jitted: eager flax init compiles op by op
-    states = init_all(init_keys, jnp.float32(obs_mean), jnp.float32(obs_std))
+    states = jax.block_until_ready(
+        init_all(init_keys, jnp.float32(obs_mean), jnp.float32(obs_std))
+    )  # ready before the first donating call (a CPU deadlock was seen donating in-flight buffers)
 
     logger = RunLogger(
         "cql", args, meta, seeds=seeds, total_steps=args.total_steps, online_steps=0, paper_steps=PAPER_STEPS,

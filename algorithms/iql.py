@@ -421,7 +421,9 @@ def train(args: Args) -> dict:
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    states = jax.vmap(init)(init_keys)
+    states = jax.block_until_ready(
+        jax.jit(jax.vmap(init))(init_keys)
+    )  # ready before the first donating call (a CPU deadlock was seen donating in-flight buffers)
 
     logger = RunLogger(
         "iql", args, meta, seeds=seeds, total_steps=args.total_steps, online_steps=args.online_steps,
