@@ -444,10 +444,11 @@ def train(args: Args) -> dict:
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    init_all = jax.jit(jax.vmap(init, in_axes=(0, None, None)))  # jitted: eager flax init compiles op by op
-    states = jax.block_until_ready(
-        init_all(init_keys, jnp.float32(obs_mean), jnp.float32(obs_std))
-    )  # ready before the first donating call (a CPU deadlock was seen donating in-flight buffers)
+    # One jitted init per seed, stacked: a jitted vmap of the orthogonal initializer (batched QR) hung
+    # XLA on CPU (jax 0.10.2), and per-seed init makes seed i identical to a single-seed run.
+    init_one = jax.jit(init)
+    mean_std = (jnp.float32(obs_mean), jnp.float32(obs_std))
+    states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k, *mean_std) for k in init_keys])
 
     logger = RunLogger(
         "cql", args, meta, seeds=seeds, total_steps=args.total_steps, online_steps=0, paper_steps=PAPER_STEPS,

@@ -387,9 +387,10 @@ def train(args: Args) -> dict:
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    states = jax.block_until_ready(
-        jax.jit(jax.vmap(init))(init_keys)
-    )  # ready before the first donating call (a CPU deadlock was seen donating in-flight buffers)
+    # One jitted init per seed, stacked: a jitted vmap of the orthogonal initializer (batched QR) hung
+    # XLA on CPU (jax 0.10.2), and per-seed init makes seed i identical to a single-seed run.
+    init_one = jax.jit(init)
+    states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k) for k in init_keys])
 
     logger = RunLogger(
         "dt", args, meta, seeds=seeds, total_steps=args.total_steps, paper_steps=PAPER_STEPS,
