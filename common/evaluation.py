@@ -11,6 +11,7 @@ it. Episode j of every seed resets with `seed + j`, so all seeds face the same s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ class EvalResult(NamedTuple):
     normalized: np.ndarray  # (num_seeds, num_episodes)
     lengths: np.ndarray  # (num_seeds, num_episodes)
     success: np.ndarray | None  # (num_seeds, num_episodes) bool: goal reached at least once; None if no such info
+    seconds: float = 0.0  # wall time of the whole evaluation (env creation to the last step)
 
 
 def num_seeds_of(params) -> int:
@@ -42,6 +44,7 @@ def evaluate(
     carry: Any = None,
     rng: jax.Array | None = None,
 ) -> EvalResult:
+    t0 = time.perf_counter()
     num_seeds = num_seeds_of(params)
     n = num_seeds * num_episodes
     envs = gym.vector.SyncVectorEnv([meta.make_env for _ in range(n)])
@@ -76,4 +79,5 @@ def evaluate(
         meta.normalize(returns).reshape(shape),
         lengths.reshape(shape),
         success.reshape(shape) if has_success else None,
+        time.perf_counter() - t0,
     )

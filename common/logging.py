@@ -174,6 +174,9 @@ class RunLogger:
             "returns": np.round(result.returns, 3).tolist(),
             "normalized": np.round(result.normalized, 3).tolist(),
             "lengths": result.lengths.tolist(),
+            "eval_seconds": round(result.seconds, 2),  # the first evaluation includes compilation
+            "episodes_per_s": round(result.lengths.size / max(result.seconds, 1e-9), 2),
+            "env_steps_per_s": round(float(result.lengths.sum()) / max(result.seconds, 1e-9), 1),
         }
         tb = {"eval/normalized/mean": per_seed.mean(), "eval/return/mean": result.returns.mean()}
         if result.success is not None:

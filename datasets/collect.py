@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
-from policy import act
+from policy import act, silence_mujoco
 
 
 def episode_seeds(seed: int, stream: int, index: int) -> tuple[int, np.random.Generator]:
     ss = np.random.SeedSequence([seed, stream, index])
     reset_seed = int(ss.generate_state(1)[0])
     return reset_seed, np.random.default_rng(ss.spawn(1)[0])
-
-
-def silence_mujoco() -> None:
-    # MuJoCo 4 warns about half_cheetah.xml on every build and appends it to ./MUJOCO_LOG.TXT.
-    import mujoco
-
-    mujoco.set_mju_user_warning(lambda msg: None)
 
 
 def run_chunk(task: tuple) -> list[dict]:

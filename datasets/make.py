@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from policy import REF_SCORES, ROBOTS, load_params, policy_path, replay_paths  # noqa: E402
+from policy import REF_SCORES, ROBOTS, load_params, policy_path, replay_paths, silence_mujoco  # noqa: E402
 
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 MAZES = ("open", "umaze", "medium", "large")
@@ -89,12 +89,6 @@ def code_version() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def silence_mujoco() -> None:
-    import mujoco
-
-    mujoco.set_mju_user_warning(lambda msg: None)
 
 
 # --- collection -------------------------------------------------------------------------------

@@ -85,3 +85,11 @@ def replay_paths(robot: str) -> list[Path]:
     if "replay" not in entry:
         policy_path(robot, "medium")  # raises the same clear error
     return [POLICY_DIR / s["file"] for s in entry["replay"]]
+
+
+def silence_mujoco() -> None:
+    """MuJoCo 4 warns about `settotalmass` in half_cheetah.xml on every env build and appends the
+    warning to ./MUJOCO_LOG.TXT; a no-op warning callback silences both."""
+    import mujoco
+
+    mujoco.set_mju_user_warning(lambda msg: None)

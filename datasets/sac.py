@@ -36,7 +36,15 @@ import tyro
 from flax import serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from policy import LOG_STD_MAX, LOG_STD_MIN, MANIFEST, POLICY_DIR, ROBOTS, normalized_score  # noqa: E402
+from policy import (  # noqa: E402
+    LOG_STD_MAX,
+    LOG_STD_MIN,
+    MANIFEST,
+    POLICY_DIR,
+    ROBOTS,
+    normalized_score,
+    silence_mujoco,
+)
 
 
 @dataclass(frozen=True)
@@ -266,6 +274,7 @@ def train(args: Args):
     env_id = ROBOTS[args.robot]
     work = Path(args.work_dir).expanduser() / args.robot
     (work / "snapshots").mkdir(parents=True, exist_ok=True)
+    silence_mujoco()
     env = gym.make(env_id)
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     init, act_det, step_fn = make_fns(args, obs_dim, action_dim)
