@@ -387,8 +387,7 @@ def train(args: Args) -> dict:
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    # One jitted init per seed, stacked: a jitted vmap of the orthogonal initializer (batched QR) hung
-    # XLA on CPU (jax 0.10.2), and per-seed init makes seed i identical to a single-seed run.
+    # One jitted init per seed, stacked: seed i starts exactly as a single-seed run would.
     init_one = jax.jit(init)
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k) for k in init_keys])
 

@@ -421,8 +421,9 @@ def train(args: Args) -> dict:
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    # One jitted init per seed, stacked: a jitted vmap of the orthogonal initializer (batched QR) hung
-    # XLA on CPU (jax 0.10.2), and per-seed init makes seed i identical to a single-seed run.
+    # One jitted init per seed, stacked: seed i starts exactly as a single-seed run would, and no
+    # vmapped (batched) QR of the orthogonal init reaches jaxlib's LAPACK, which waits on XLA's CPU
+    # thread pool from inside it and can deadlock on 2 cores.
     init_one = jax.jit(init)
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k) for k in init_keys])
 
