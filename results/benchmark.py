@@ -17,7 +17,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,31 +41,105 @@ def load_algorithm(name: str):
     return module
 
 
-def iql_setup(module, batch_size: int):
+class Setup(NamedTuple):
+    init: Callable  # key -> one seed's train state
+    update: Callable  # (state, batch, key, hp) -> (state, metrics)
+    data: Any  # device-resident arrays of a locomotion dataset's shapes
+    hp: Any
+    sample: Callable  # (data, key) -> batch, inside jit
+    make_chunk: Callable  # num_updates -> the file's jitted scan x vmap (states, keys, data, hp)
+    network: str
+
+
+def random_transitions(batch_cls, extra: int = 0):
+    rng = np.random.default_rng(0)
+    fields = [
+        rng.normal(size=(ROWS, OBS_DIM)),
+        rng.uniform(-0.99, 0.99, (ROWS, ACTION_DIM)),
+        rng.normal(size=ROWS),
+        rng.normal(size=(ROWS, OBS_DIM)),
+        np.ones(ROWS),
+    ] + [rng.normal(size=ROWS) for _ in range(extra)]
+    return batch_cls(*(jnp.asarray(x, jnp.float32) for x in fields))
+
+
+def iql_setup(module, batch_size: int) -> Setup:
     args = module.Args(total_steps=1_000_000, dropout=0.0, batch_size=batch_size)
     init, update, _ = module.make_agent(args, OBS_DIM, ACTION_DIM)
+    hp = module.Hyper(*(jnp.float32(x) for x in (0.7, 3.0, 0.99, 0.005)))
+    return Setup(
+        init, update, random_transitions(module.Batch), hp,
+        lambda data, key: module.sample_batch(data, key, batch_size),
+        lambda n: module.make_train_chunk(update, batch_size, n),
+        "actor and critics 256-256 (paper size)",
+    )  # fmt: skip
+
+
+def cql_setup(module, batch_size: int) -> Setup:
+    """CQL and Cal-QL (the offline update: Cal-QL's online updates are the same update on a mixed batch)."""
+    args = module.resolve(module.Args(batch_size=batch_size), "locomotion")
+    init, update, _ = module.make_agent(args, OBS_DIM, ACTION_DIM)
+    zeros, ones = jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM)
+    calql = module.__name__ == "cal_ql"
+    sample = lambda data, key: module.sample_batch(data, key, batch_size)  # noqa: E731
+    make_chunk = (
+        (lambda n: module.make_train_chunk(update, sample, n, None))
+        if calql
+        else (lambda n: module.make_train_chunk(update, batch_size, n))
+    )
+    return Setup(
+        lambda key: init(key, zeros, ones), update, random_transitions(module.Batch, extra=int(calql)),
+        module.make_hyper(args, ACTION_DIM), sample, make_chunk,
+        f"actor {'-'.join(map(str, args.hidden_dims))}, twin critics {'-'.join(map(str, args.critic_hidden_dims))}, "
+        f"{args.cql_n_actions} sampled actions x 3 (paper size)",
+    )  # fmt: skip
+
+
+def dt_setup(module, batch_size: int) -> Setup:
+    args = module.Args(batch_size=batch_size, max_ep_len=1000, rtg_scale=1000.0, target_return=3600.0)
+    init, update, _ = module.make_agent(args, OBS_DIM, ACTION_DIM)
     rng = np.random.default_rng(0)
-    data = module.Batch(
+    lengths = np.full(ROWS // 1000, 1000)
+    ends = np.repeat(np.cumsum(lengths), lengths)
+    data = module.Segments(
         jnp.asarray(rng.normal(size=(ROWS, OBS_DIM)), jnp.float32),
         jnp.asarray(rng.uniform(-1, 1, (ROWS, ACTION_DIM)), jnp.float32),
-        jnp.asarray(rng.normal(size=ROWS), jnp.float32),
-        jnp.asarray(rng.normal(size=(ROWS, OBS_DIM)), jnp.float32),
-        jnp.ones(ROWS, jnp.float32),
+        jnp.asarray(rng.uniform(0, 3.6, ROWS), jnp.float32),
+        jnp.asarray(np.tile(np.arange(1000), ROWS // 1000), jnp.int32),
+        jnp.asarray(ends, jnp.int32),
+        jnp.zeros(OBS_DIM, jnp.float32),
     )
-    hp = module.Hyper(*(jnp.float32(x) for x in (0.7, 3.0, 0.99, 0.005)))
-    return init, update, data, hp
+    hp = module.Hyper(*map(jnp.float32, (args.learning_rate, args.weight_decay, args.warmup_steps, args.grad_clip)))
+    return Setup(
+        init, update, data, hp,
+        lambda data, key: module.sample_batch(data, key, batch_size, args.context_len),
+        lambda n: module.make_train_chunk(update, batch_size, args.context_len, n),
+        f"GPT {args.num_layers} layers, {args.embed_dim} embedding, {args.num_heads} head, K {args.context_len} "
+        "(paper size)",
+    )  # fmt: skip
 
 
-def time_plain_loop(module, init, update, data, hp, batch_size: int, updates: int) -> dict:
+SETUPS = {"iql": iql_setup, "cql": cql_setup, "cal_ql": cql_setup, "dt": dt_setup}
+DEFAULT_BATCH = {"iql": 256, "cql": 256, "cal_ql": 256, "dt": 64}
+
+
+def init_seeds(init, num_seeds: int):
+    """One jitted init per seed, stacked, as the algorithm files do (a jitted vmap of the orthogonal
+    initializer hangs XLA on CPU with jax 0.10.2)."""
+    init_one = jax.jit(init)
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(jax.random.key(s)) for s in range(num_seeds)])
+
+
+def time_plain_loop(setup: Setup, updates: int) -> dict:
     """One jitted call per update (batch sampled inside it), called from a Python loop."""
 
     @jax.jit
     def step(state, key):
         key, k_batch, k_update = jax.random.split(key, 3)
-        state, metrics = update(state, module.sample_batch(data, k_batch, batch_size), k_update, hp)
-        return state, key, metrics["critic_loss"]
+        state, metrics = setup.update(state, setup.sample(setup.data, k_batch), k_update, setup.hp)
+        return state, key, jax.tree_util.tree_leaves(metrics)[0]
 
-    state, key = init(jax.random.key(0)), jax.random.key(1)
+    state, key = jax.jit(setup.init)(jax.random.key(0)), jax.random.key(1)
     t0 = time.perf_counter()
     state, key, loss = step(state, key)
     loss.block_until_ready()
@@ -75,35 +151,34 @@ def time_plain_loop(module, init, update, data, hp, batch_size: int, updates: in
     return {"compile_s": round(compile_s, 2), "updates_per_s": round(updates / (time.perf_counter() - t0), 1)}
 
 
-def time_scan(module, init, update, data, hp, batch_size: int, num_seeds: int, chunk: int, chunks: int) -> dict:
-    train_chunk = module.make_train_chunk(update, batch_size, chunk)
+def time_scan(setup: Setup, num_seeds: int, chunk: int, chunks: int) -> dict:
+    train_chunk = setup.make_chunk(chunk)
     keys = jnp.stack([jax.random.key(s) for s in range(num_seeds)])
-    states = jax.vmap(init)(keys)
+    states = init_seeds(setup.init, num_seeds)
     t0 = time.perf_counter()
-    states, keys, metrics = train_chunk(states, keys, data, hp)
+    states, keys, metrics = train_chunk(states, keys, setup.data, setup.hp)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0  # includes one chunk of updates
     t0 = time.perf_counter()
     for _ in range(chunks):
-        states, keys, metrics = train_chunk(states, keys, data, hp)
+        states, keys, metrics = train_chunk(states, keys, setup.data, setup.hp)
         jax.device_get(metrics)  # what train() does after every chunk
     per_seed = chunks * chunk / (time.perf_counter() - t0)
     return {
         "num_seeds": num_seeds,
         "first_chunk_s": round(compile_s, 2),
-        "updates_per_s_per_seed": round(per_seed, 1),
-        "throughput": round(per_seed * num_seeds, 1),
+        "updates_per_s_per_seed": round(per_seed, 2),
+        "throughput": round(per_seed * num_seeds, 2),
     }
 
 
 def benchmark(algo: str, seeds: list[int], updates: int, chunk: int, batch_size: int) -> dict:
-    module = load_algorithm(algo)
-    init, update, data, hp = {"iql": iql_setup}[algo](module, batch_size)
-    plain = time_plain_loop(module, init, update, data, hp, batch_size, updates)
+    setup = SETUPS[algo](load_algorithm(algo), batch_size)
+    plain = time_plain_loop(setup, updates)
     print(f"plain jitted single-seed loop: {plain}", flush=True)
     scans = []
     for n in seeds:
-        res = time_scan(module, init, update, data, hp, batch_size, n, chunk, max(1, updates // chunk))
+        res = time_scan(setup, n, chunk, max(1, updates // chunk))
         print(f"lax.scan x vmap, {n} seeds: {res}", flush=True)
         scans.append(res)
     return {
@@ -113,7 +188,7 @@ def benchmark(algo: str, seeds: list[int], updates: int, chunk: int, batch_size:
         "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
         "command": ["results/benchmark.py", *sys.argv[1:]],
-        "network": "256-256 MLPs (paper size)",
+        "network": setup.network,
         "batch_size": batch_size,
         "plain_loop": plain,
         "scan_vmap": scans,
@@ -143,16 +218,17 @@ def table() -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--algo", default="iql", choices=["iql"])
+    p.add_argument("--algo", default="iql", choices=sorted(SETUPS))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 8])
     p.add_argument("--updates", type=int, default=2000, help="timed updates per configuration")
     p.add_argument("--chunk", type=int, default=500, help="updates per lax.scan call")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the file's (256; DT 64)")
     p.add_argument("--table", action="store_true", help="only regenerate results/throughput/README.md")
     a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if not a.table:
-        result = benchmark(a.algo, a.seeds, a.updates, a.chunk, a.batch_size)
+        batch_size = a.batch_size or DEFAULT_BATCH[a.algo]
+        result = benchmark(a.algo, a.seeds, a.updates, a.chunk, batch_size)
         name = result["device"].replace(" ", "-").replace("/", "-")
         atomic_write(OUT / f"{a.algo}__{name}.json", json.dumps(result, indent=1) + "\n")
     atomic_write(OUT / "README.md", table())

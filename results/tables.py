@@ -65,9 +65,13 @@ def row(record: dict) -> str:
     if "success" in evals[-1]:
         success = f"{100 * np.mean(evals[-1]['success']):.0f}%"
     cmd = "python " + " ".join(record["command"])
+    code = record["commit"] + (" (dirty)" if record["dirty"] else "")
+    # evaluation speed from the last evaluation (compiled by then); older records did not time it
+    speed = f"{evals[-1]['episodes_per_s']:.2f}" if "episodes_per_s" in evals[-1] else ""
     return (
         f"| {record['algorithm']} | {record['dataset']} | {last} | {best} | {success} | {record['num_seeds']} | "
-        f"{budget} | {record['tier']} | {record['device']} | {record['wall_time_s'] / 60:.0f} min | `{cmd}` |"
+        f"{budget} | {record['tier']} | {record['device']} | {record['wall_time_s'] / 60:.0f} min | {speed} | "
+        f"{code} | `{cmd}` |"
     )
 
 
@@ -105,7 +109,9 @@ def generate() -> str:
         "Scores are normalized: 100 * (R - R_min) / (R_max - R_min), with D4RL's reference returns for "
         "the locomotion robots and Minari's reference scores for the maze sets. Last = the final evaluation, "
         "best = the evaluation with the highest mean over seeds; both mean ± std over seeds. Tiers never mix: "
-        "`short` is any budget below the paper's (stated in the budget column).",
+        "`short` is any budget below the paper's (stated in the budget column). Eval episodes/s: the last "
+        "evaluation's episodes (all seeds) over its wall time, environments included; commit: the code the "
+        "run executed, `(dirty)` if common/, datasets/ or the algorithm file had uncommitted changes when it started.",
         "",
     ]
     for tier in ("paper", "short"):
@@ -115,8 +121,9 @@ def generate() -> str:
         lines += [
             f"## Tier: {tier}",
             "",
-            "| algorithm | dataset | last | best | success | seeds | budget | tier | device | wall time | command |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| algorithm | dataset | last | best | success | seeds | budget | tier | device | wall time "
+            "| eval episodes/s | commit | command |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [row(r) for r in rows] + [""]
     if not records:
