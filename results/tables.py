@@ -32,9 +32,14 @@ def add(run_dir: Path) -> Path:
     record = json.loads((run_dir / "record.json").read_text())
     if not record.get("evaluations"):
         raise SystemExit(f"{run_dir}: the record has no evaluation yet")
-    done = record["total_steps"] if record.get("online_steps", 0) == 0 else record["online_steps"]
-    if record["evaluations"][-1]["step"] < done:
-        raise SystemExit(f"{run_dir}: the run has not finished ({record['evaluations'][-1]['step']} of {done} steps)")
+    online = record.get("online_steps", 0) > 0
+    phase, done = ("online", record["online_steps"]) if online else ("offline", record["total_steps"])
+    last = record["evaluations"][-1]
+    if last["phase"] != phase or last["step"] < done:
+        raise SystemExit(
+            f"{run_dir}: the run has not finished (last evaluation: {last['phase']} step {last['step']}; "
+            f"expected {phase} step {done})"
+        )
     target = record_name(record)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(run_dir / "record.json", target)

@@ -1,0 +1,62 @@
+"""results/tables.py: rows computed from records (offline -> online, best, commit, eval speed), and
+records of unfinished runs refused."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "results"))
+import tables  # noqa: E402
+
+
+def entry(step, phase, normalized, episodes_per_s=None):
+    e = {"step": step, "phase": phase, "returns": normalized, "normalized": normalized, "lengths": [[10, 10]] * 2}
+    if episodes_per_s is not None:
+        e["episodes_per_s"] = episodes_per_s
+    return e
+
+
+def record(**overrides):
+    r = {
+        "algorithm": "cal_ql", "dataset": "local/hopper/medium-v0", "command": ["algorithms/cal_ql.py", "--x"],
+        "commit": "abc1234", "dirty": False, "device": "cpu", "tier": "short", "seeds": [0, 1], "num_seeds": 2,
+        "total_steps": 100, "online_steps": 50, "wall_time_s": 120.0,
+        "evaluations": [
+            entry(100, "offline", [[10.0, 20.0], [30.0, 40.0]]),  # seeds 15, 35 -> 25 ± 10
+            entry(50, "online", [[50.0, 50.0], [70.0, 70.0]], episodes_per_s=2.5),  # 60 ± 10
+        ],
+    }  # fmt: skip
+    r.update(overrides)
+    return r
+
+
+def test_offline_to_online_row():
+    row = tables.row(record())
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "25.0 ± 10.0 -> 60.0 ± 10.0"
+    assert cells[3] == "60.0 ± 10.0"  # best evaluation
+    assert cells[6] == "100 updates + 50 env steps"
+    assert cells[10] == "2.50"
+    assert cells[11] == "abc1234"
+    assert "(dirty)" in tables.row(record(dirty=True))
+
+
+def test_generate_and_add(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(tables, "PLOTS", tmp_path / "plots")
+    run = tmp_path / "run"
+    run.mkdir()
+    unfinished = record()
+    unfinished["evaluations"] = unfinished["evaluations"][:1]  # the online phase never ran
+    (run / "record.json").write_text(json.dumps(unfinished))
+    with pytest.raises(SystemExit, match="not finished"):
+        tables.add(run)
+    (run / "record.json").write_text(json.dumps(record()))
+    target = tables.add(run)
+    assert target == tmp_path / "records" / "cal_ql" / "local-hopper-medium-v0__short.json"
+    text = tables.generate()
+    assert "| cal_ql | local/hopper/medium-v0 | 25.0 ± 10.0 -> 60.0 ± 10.0 |" in text
+    assert (tmp_path / "plots" / "cal_ql__local-hopper-medium-v0__short.png").stat().st_size > 0
