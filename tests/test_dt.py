@@ -231,3 +231,26 @@ def test_context_window_holds_last_steps_of_each_env(short_run, pendulum_dataset
         np.testing.assert_allclose(ctx.actions[..., K - n :, :], np.moveaxis(acts[steps], 0, 2), atol=1e-6)
         np.testing.assert_allclose(ctx.rtg[..., K - n :], np.moveaxis(rtg[steps], 0, 2), rtol=1e-5, atol=1e-6)
         assert not ctx.states[..., : K - n, :].any() and not ctx.actions[..., : K - n, :].any()
+
+
+def test_resume_continues_from_the_checkpoint(short_run, pendulum_dataset, tmp_path):
+    """A record too long for one sitting continues with --resume: same run directory, the step
+    counter and the record carry on, and the checkpoint moves to the new step."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("record.json", "checkpoint.msgpack", "config.json"):
+        (run_dir / name).write_bytes((short_run.run_dir / name).read_bytes())
+    flags = list(SHORT)
+    flags[flags.index("--total-steps") + 1] = "450"
+    cmd = [sys.executable, "algorithms/dt.py", "--dataset", pendulum_dataset, *flags, "--no-log"]
+    proc = subprocess.run(
+        [*cmd, "--resume", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "MINARI_DATASETS_PATH": os.environ["MINARI_DATASETS_PATH"]},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from step 300" in proc.stdout
+    record = json.loads((run_dir / "record.json").read_text())
+    assert [e["step"] for e in record["evaluations"]] == [150, 300, 450]
+    assert record["evaluations"][:2] == short_run.record["evaluations"]
+    restored = serialization.msgpack_restore((run_dir / "checkpoint.msgpack").read_bytes())
+    assert int(restored["step"]) == 450
