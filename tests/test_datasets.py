@@ -123,3 +123,24 @@ def test_interrupted_rebuild_keeps_the_old_dataset(make_module, built, monkeypat
     after, _ = load_dataset("local/hopper/random-v0", to_device=False)
     np.testing.assert_array_equal(before.observations, after.observations)
     assert not [p for p in dataset_dir("local").parent.iterdir() if p.name.startswith(".staging")]
+
+
+@pytest.mark.parametrize(
+    "robot, env_id, obs_dim, act_dim, can_fall",
+    [("walker2d", "Walker2d-v5", 17, 6, True), ("halfcheetah", "HalfCheetah-v5", 17, 6, False)],
+)
+def test_other_robots_build_with_ordered_returns(make_module, robot, env_id, obs_dim, act_dim, can_fall):
+    mean_return = {}
+    for level in ["random", "medium", "expert"]:
+        ds_id = f"local/{robot}/{level}-v0"
+        make_module.build(ds_id, num_steps=SMALL, seed=0)
+        ds = minari.load_dataset(ds_id)
+        assert ds.observation_space.shape == (obs_dim,) and ds.action_space.shape == (act_dim,)
+        meta = ds.storage.metadata
+        assert (meta["ref_min_score"], meta["ref_max_score"]) == pytest.approx(make_module.REF_SCORES[robot])
+        assert env_id in meta["eval_env_spec"]
+        eps = episodes(ds)
+        if not can_fall:  # the cheetah never terminates: every episode runs to the 1000-step limit
+            assert all(len(ep.rewards) == 1000 and ep.truncations[-1] and not ep.terminations.any() for ep in eps)
+        mean_return[level] = np.mean([ep.rewards.sum() for ep in eps])
+    assert mean_return["expert"] > mean_return["medium"] > mean_return["random"], mean_return
