@@ -25,16 +25,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import flax.linen as nn
-import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 
-from common.data import load_dataset
-from common.evaluation import evaluate
-from common.logging import RunLogger, first_nonfinite
+from common.data import Meta, load_dataset
+from common.evaluation import OnlineEnvs, default_eval_episodes, evaluate
+from common.logging import RunLogger, cli, first_nonfinite
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,9 @@ class Args:
     no_log: bool = False
     """no tensorboard events (tests)"""
     resume: str | None = None
-    """a run directory to continue from its checkpoint"""
+    """a run directory to continue from its checkpoint, with its own config (flags may only extend the budget)"""
+    debug: bool = False
+    """show the Python traceback of an error instead of one line"""
     # --- Training ---
     total_steps: int = 1_000_000
     """offline gradient updates (the paper's 1M)"""
@@ -59,8 +59,8 @@ class Args:
     """online environment steps after the offline phase, one update each (0: offline only)"""
     eval_every: int = 5_000
     """updates (offline) or environment steps (online) between evaluations"""
-    eval_episodes: int = 10
-    """evaluation episodes per seed"""
+    eval_episodes: int | None = None
+    """evaluation episodes per seed (None: 10 on locomotion, 100 on mazes)"""
     batch_size: int = 256
     """transitions per update per seed"""
     hidden_dims: tuple[int, ...] = (256, 256)
@@ -86,28 +86,28 @@ class Args:
     """scale of the policy std when acting online"""
 
 
-# Presets per domain: (expectile, beta, dropout), from the official configs.
+# Presets per domain, from the official configs (configs/{mujoco,antmaze,kitchen}_config.py).
 PRESETS = {
-    "locomotion": (0.7, 3.0, 0.0),
-    "antmaze": (0.9, 10.0, 0.0),
-    "pointmaze": (0.9, 10.0, 0.0),
-    "adroit": (0.7, 0.5, 0.1),
-    "kitchen": (0.7, 0.5, 0.1),
+    "locomotion": dict(expectile=0.7, beta=3.0, dropout=0.0),
+    "antmaze": dict(expectile=0.9, beta=10.0, dropout=0.0),
+    "pointmaze": dict(expectile=0.9, beta=10.0, dropout=0.0),
+    "adroit": dict(expectile=0.7, beta=0.5, dropout=0.1),
+    "kitchen": dict(expectile=0.7, beta=0.5, dropout=0.1),
 }
+# Refinements per (robot, level): none, since the official code tunes per domain only (one config
+# for every locomotion set, one for every AntMaze set). A later per-dataset choice goes here.
+DATASET_PRESETS: dict[tuple[str, str], dict] = {}
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 ACTION_EPS = 1e-5  # the official code clips dataset actions to +-(1 - 1e-5)
 PAPER_STEPS = (1_000_000, 0)
 
 
-def resolve(args: Args, domain: str) -> Args:
-    """Fill the None fields from the domain's preset; an explicit flag always wins."""
-    expectile, beta, dropout = PRESETS[domain]
-    return dataclasses.replace(
-        args,
-        expectile=expectile if args.expectile is None else args.expectile,
-        beta=beta if args.beta is None else args.beta,
-        dropout=dropout if args.dropout is None else args.dropout,
-    )
+def resolve(args: Args, meta: Meta) -> Args:
+    """Fill the None fields from the dataset's preset (domain, then robot and level); an explicit
+    flag always wins."""
+    preset = {**PRESETS[meta.domain], **DATASET_PRESETS.get((meta.robot, meta.level), {})}
+    preset["eval_episodes"] = default_eval_episodes(meta.domain)
+    return dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
 
 
 # --- Networks ---------------------------------------------------------------------------------
@@ -214,7 +214,13 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
     """init, update and act for one seed, closed over the (static) architecture and optimizers."""
     actor = Actor(args.hidden_dims, action_dim, args.dropout)
     critic, value = DoubleCritic(args.hidden_dims), ValueNet(args.hidden_dims)
-    actor_lr = optax.cosine_decay_schedule(args.actor_lr, args.total_steps) if args.online_steps == 0 else args.actor_lr
+    # Always a schedule (constant when an online phase follows), so the optimizer state has one
+    # structure whatever the budget: a resumed run may extend --online-steps.
+    actor_lr = (
+        optax.cosine_decay_schedule(args.actor_lr, args.total_steps)
+        if args.online_steps == 0
+        else optax.constant_schedule(args.actor_lr)
+    )
     actor_tx, critic_tx, value_tx = optax.adam(actor_lr), optax.adam(args.critic_lr), optax.adam(args.value_lr)
 
     def init(key) -> TrainState:
@@ -354,52 +360,48 @@ def make_online_step(update, act, batch_size: int, temperature: float):
     return jax.jit(vmapped, donate_argnums=(0, 2))
 
 
-def online_phase(args, meta, states, keys, offline: Batch, update, act, hp, logger, policy, reward_fn, seeds):
+def online_phase(args, meta, states, keys, offline: Batch, update, act, hp, logger, policy, reward_fn, seeds, ck=None):
+    """Fine-tune online from `states` (or continue from the checkpoint `ck` of an online phase)."""
     num_seeds = len(seeds)
-    envs = gym.vector.SyncVectorEnv(
-        [meta.make_env for _ in range(num_seeds)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
+    envs = OnlineEnvs(meta, [args.seed + 1000 + i for i in range(num_seeds)])
     obs_dim, action_dim = meta.obs_dim, meta.action_dim
-    buf = Batch(  # per-seed online transitions (num_seeds, online_steps, ...); offline data is shared
-        jnp.zeros((num_seeds, args.online_steps, obs_dim)),
-        jnp.zeros((num_seeds, args.online_steps, action_dim)),
-        jnp.zeros((num_seeds, args.online_steps)),
-        jnp.zeros((num_seeds, args.online_steps, obs_dim)),
-        jnp.zeros((num_seeds, args.online_steps)),
-    )
+    shapes = [(obs_dim,), (action_dim,), (), (obs_dim,), ()]
+    # Per-seed online transitions (num_seeds, online_steps, ...); the offline data is shared.
+    buf = Batch(*(jnp.zeros((num_seeds, args.online_steps) + shape) for shape in shapes))
     step_fn = make_online_step(update, act, args.batch_size, args.exploration_temperature)
-    act_jit = jax.jit(jax.vmap(lambda p, o, k: act(p, o, k, False, args.exploration_temperature)))
-    obs = meta.flatten_obs(envs.reset(seed=[args.seed + 1000 + i for i in range(num_seeds)])[0])
-    keys, k_act = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    actions = np.asarray(act_jit(states.actor, obs, k_act))
-    logger.progress(args.online_steps, desc="online")
-    low, high = meta.action_space.low, meta.action_space.high
-    for t in range(args.online_steps):
-        next_obs, reward, term, trunc, info = envs.step(np.clip(actions, low, high))
-        next_flat = meta.flatten_obs(next_obs)
-        true_next = next_flat.copy()
-        done = term | trunc
-        if done.any():  # SAME_STEP autoreset: the true last observation is in final_obs
-            for i in np.flatnonzero(done):
-                true_next[i] = meta.flatten_obs(info["final_obs"][i])
+    if ck is None:
+        t = 0
+        obs = envs.reset()
+        act_jit = jax.jit(jax.vmap(lambda p, o, k: act(p, o, k, False, args.exploration_temperature)))
+        keys, k_act = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
+        actions = np.asarray(act_jit(states.actor, obs, k_act))
+    else:  # the buffer's first t rows, the environments replayed to step t, the pending actions
+        t = ck.step
+        buf = Batch(*(b.at[:, :t].set(ck.online[name]) for name, b in zip(Batch._fields, buf)))
+        obs = envs.restore(ck.host)
+        actions = ck.host["next_actions"]
+    logger.progress(args.online_steps, initial=t, desc="online")
+    while t < args.online_steps:
+        next_obs, reward, term, trunc, true_next = envs.step(actions)
         transition = Batch(
             jnp.asarray(obs), jnp.asarray(actions), jnp.asarray(reward_fn(reward), jnp.float32),
             jnp.asarray(true_next), jnp.asarray(1.0 - term, jnp.float32),
         )  # fmt: skip
-        states, keys, buf, actions, metrics = step_fn(
-            states, keys, buf, t, transition, jnp.asarray(next_flat), offline, hp
-        )
-        actions = np.asarray(actions)
-        obs = next_flat
+        next_flat = jnp.asarray(next_obs)
+        states, keys, buf, actions, metrics = step_fn(states, keys, buf, t, transition, next_flat, offline, hp)
+        actions, obs, t = np.asarray(actions), next_obs, t + 1
         logger.advance(1)
-        if (t + 1) % args.eval_every == 0 or t + 1 == args.online_steps:
-            metrics = jax.device_get(metrics)
-            bad = first_nonfinite({k: np.asarray(v)[:, None] for k, v in metrics.items()}, t, seeds)
+        if t % args.eval_every == 0 or t == args.online_steps:
+            metrics = {k: np.asarray(v)[:, None] for k, v in jax.device_get(metrics).items()}
+            bad = first_nonfinite(metrics, t - 1, seeds)
             if bad:
-                raise FloatingPointError(f"non-finite loss in online training, stopped at {bad}")
-            logger.metrics(args.total_steps + t + 1, {k: np.asarray(v)[:, None] for k, v in metrics.items()})
+                logger.stop_nonfinite(bad, " in online training")
+            logger.metrics(args.total_steps + t, metrics)
             result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed)
-            logger.evaluation(t + 1, result, phase="online")
+            logger.evaluation(t, result, phase="online")
+            online = Batch(*(b[:, :t] for b in buf))
+            host = {**envs.state(), "next_actions": actions}
+            logger.save_checkpoint(states, t, keys, "online", online=online, host=host)
     envs.close()
     return states
 
@@ -407,7 +409,7 @@ def online_phase(args, meta, states, keys, offline: Batch, update, act, hp, logg
 # --- Training ---------------------------------------------------------------------------------
 def train(args: Args) -> dict:
     data, meta = load_dataset(args.dataset)
-    args = resolve(args, meta.domain)
+    args = resolve(args, meta)
     rewards, scale, shift = process_rewards(np.asarray(data.rewards), meta)
     offline = Batch(
         data.observations,
@@ -427,17 +429,14 @@ def train(args: Args) -> dict:
     init_one = jax.jit(init)
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k) for k in init_keys])
 
-    logger = RunLogger(
-        "iql", args, meta, seeds=seeds, total_steps=args.total_steps, online_steps=args.online_steps,
-        paper_steps=PAPER_STEPS, out_dir=args.out_dir, resume=args.resume, tensorboard=not args.no_log,
-    )  # fmt: skip
+    logger = RunLogger("iql", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
     print(f"IQL on {args.dataset} ({meta.domain}, {meta.size} transitions): expectile {args.expectile}, "
-          f"beta {args.beta}, dropout {args.dropout}", flush=True)  # fmt: skip
-    step, phase = 0, "offline"
-    if args.resume:
-        states, step, keys_data, phase = logger.load_checkpoint(states, keys)
-        keys = keys_data
-        print(f"resumed from step {step} ({phase})", flush=True)
+          f"beta {args.beta}, dropout {args.dropout}, {args.eval_episodes} eval episodes", flush=True)  # fmt: skip
+    step, phase, ck = 0, "offline", None
+    if logger.resumed:
+        ck = logger.load_checkpoint(states, keys)
+        states, step, keys, phase = ck.state, ck.step, ck.rng, ck.phase
+        print(f"resumed from {phase} step {step}", flush=True)
 
     @jax.jit
     def policy(actor_params, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
@@ -455,10 +454,7 @@ def train(args: Args) -> dict:
             metrics = jax.device_get(metrics)
             bad = first_nonfinite(metrics, step, seeds)
             if bad:
-                logger.close()
-                raise FloatingPointError(
-                    f"non-finite loss, training stopped at {bad}; the last finite checkpoint is in {logger.run_dir}"
-                )
+                logger.stop_nonfinite(bad)
             step += n
             logger.advance(n)
             logger.metrics(step, metrics)
@@ -467,12 +463,11 @@ def train(args: Args) -> dict:
             logger.save_checkpoint(states, step, keys, "offline")
         print(f"offline: {args.total_steps} updates in {time.time() - t0:.0f} s, "
               f"normalized {logger.record['final']['normalized_mean']:.1f}", flush=True)  # fmt: skip
-    if args.online_steps > 0:
+    if args.online_steps > 0 and not (phase == "online" and step >= args.online_steps):
         states = online_phase(
             args, meta, states, keys, offline, update, act, hp, logger, policy,
-            lambda r: np.asarray(r, np.float32) * scale + shift, seeds,
+            lambda r: np.asarray(r, np.float32) * scale + shift, seeds, ck if phase == "online" else None,
         )  # fmt: skip
-        logger.save_checkpoint(states, args.online_steps, keys, "online")
     record = logger.close()
     final = record["final"]
     print(f"final normalized score {final['normalized_mean']:.1f} ± {final['normalized_std']:.1f} "
@@ -481,4 +476,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    cli(Args, train)

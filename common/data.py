@@ -28,6 +28,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATASET_ID = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*/[A-Za-z0-9_\-]+-v\d+$")
 CACHE_NAME = "jaxorl_flat.npz"
 CACHE_VERSION = 1
+
+
+class UserError(Exception):
+    """Bad input (a flag, an id, a file, a path): reported as one line, without a traceback."""
+
+
 # D4RL's reference returns (random, expert), used where a dataset's metadata has none.
 D4RL_REF = {
     "halfcheetah": (-280.178953, 12135.0),
@@ -67,6 +73,25 @@ class Meta:
     fingerprint: str  # sha256 of the flat arrays
     metadata: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def robot(self) -> str:
+        """The id's robot or task family: hopper in local/hopper/medium-v0, antmaze in D4RL/antmaze/umaze-v1."""
+        return task_of(self.dataset_id)[0]
+
+    @property
+    def level(self) -> str:
+        """The id's dataset level: medium in local/hopper/medium-v0, umaze-sparse in local/pointmaze/umaze-sparse-v0."""
+        return task_of(self.dataset_id)[1]
+
+    def to_env_action(self, actions) -> np.ndarray:
+        """Algorithm actions in [-1, 1] -> the env's Box [low, high] (the inverse of the mapping
+        `load_dataset` applies to the data's actions; the identity where the Box is [-1, 1])."""
+        a = np.clip(np.asarray(actions, np.float64), -1.0, 1.0)
+        low, high = self.action_space.low.astype(np.float64), self.action_space.high.astype(np.float64)
+        if np.all(low == -1.0) and np.all(high == 1.0):
+            return a
+        return low + (a + 1.0) * 0.5 * (high - low)
+
     def make_env(self, **kwargs) -> gym.Env:
         """The evaluation environment (registered time limit included)."""
         _register_robotics(self.env_spec.id)
@@ -98,6 +123,53 @@ def flatten_observation(obs) -> np.ndarray:
     if isinstance(obs, dict):
         return np.concatenate([obs["observation"], obs["desired_goal"]], -1).astype(np.float32)
     return np.asarray(obs, np.float32)
+
+
+def task_of(dataset_id: str) -> tuple[str, str]:
+    """(robot, level) of an id, the keys of the per-dataset presets: ("hopper", "medium") for
+    local/hopper/medium-v0 and mujoco/hopper/medium-v0, ("antmaze", "umaze") for D4RL/antmaze/umaze-v1."""
+    parts = dataset_id.split("/")
+    name = parts[-1].rsplit("-v", 1)[0]
+    return (parts[-2] if len(parts) > 1 else name).lower(), name.lower()
+
+
+def check_action_space(dataset_id: str, space) -> None:
+    """Box actions with finite bounds; anything else is refused with one clear message."""
+    if not isinstance(space, gym.spaces.Box):
+        raise UserError(
+            f"{dataset_id} has a {type(space).__name__} action space; jaxorl's algorithms need continuous (Box) actions"
+        )
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high)) and np.all(space.high > space.low)):
+        raise UserError(
+            f"{dataset_id}: its Box action space has unbounded or empty bounds (low {space.low}, high {space.high}); "
+            "jaxorl's policies act in a bounded Box"
+        )
+
+
+def scale_actions(actions: np.ndarray, space) -> np.ndarray:
+    """Dataset actions in [low, high] -> [-1, 1], where every algorithm acts (tanh policies)."""
+    low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+    if np.all(low == -1.0) and np.all(high == 1.0):
+        return actions
+    return np.clip(2.0 * (actions - low) / (high - low) - 1.0, -1.0, 1.0).astype(np.float32)
+
+
+def check_flat(dataset_id: str, flat: dict, path: Path) -> None:
+    """Data that cannot train: no episodes, non-finite values, columns of different lengths."""
+    n = len(flat["rewards"])
+    if n == 0:
+        raise UserError(f"{dataset_id} has no transitions ({path}); rebuild or re-download it")
+    lengths = {k: len(flat[k]) for k in Dataset._fields}
+    if len(set(lengths.values())) != 1:
+        raise UserError(f"{dataset_id}: columns of different lengths {lengths} ({path})")
+    for k in ("observations", "actions", "rewards", "next_observations"):
+        bad = ~np.isfinite(flat[k])
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise UserError(
+                f"{dataset_id}: {int(bad.sum())} non-finite values in {k} (first at transition {row}) in {path}; "
+                "fix or rebuild the dataset"
+            )
 
 
 def domain_of(dataset_id: str, env_id: str) -> str:
@@ -172,7 +244,13 @@ def _ensure_available(dataset_id: str) -> None:
         return
     if dataset_id.startswith("local/"):
         print(f"[jaxorl] {dataset_id} is not built yet: building it with datasets/make.py", flush=True)
-        load_make_module().build(dataset_id)
+        try:
+            load_make_module().build(dataset_id)
+        except OSError as e:  # an unwritable MINARI_DATASETS_PATH (or a file in its way)
+            raise UserError(
+                f"cannot build {dataset_id} into {datasets_root()}: {e.strerror or e} ({e.filename}); "
+                "set MINARI_DATASETS_PATH to a folder you can write to"
+            ) from None
         return
     import minari
 
@@ -194,6 +272,12 @@ def _flatten_episodes(ds) -> dict:
     for ep in ds.iterate_episodes():
         obs = flatten_observation(ep.observations)  # T + 1 rows
         T = len(ep.rewards)
+        sizes = (len(obs) - 1, len(ep.actions), len(ep.terminations), len(ep.truncations))
+        if any(size != T for size in sizes):
+            raise UserError(
+                f"episode {ep.id} has {T} rewards but {sizes[0] + 1} observations, {sizes[1]} actions, "
+                f"{sizes[2]} terminations and {sizes[3]} truncations (expected T + 1, T, T, T)"
+            )
         term = np.asarray(ep.terminations, bool)
         trunc = np.asarray(ep.truncations, bool).copy()
         trunc[-1] = not term[-1]  # an episode that did not terminate was cut: by a time limit or the data's end
@@ -205,6 +289,9 @@ def _flatten_episodes(ds) -> dict:
         cols["truncations"].append(trunc)
         lengths.append(T)
         returns.append(float(np.sum(ep.rewards, dtype=np.float64)))
+    if not lengths:  # no episodes: check_flat reports it
+        return {**{k: np.zeros(0) for k in (*cols, "episode_starts", "timesteps")},
+                "episode_lengths": np.zeros(0, np.int64), "episode_returns": np.zeros(0)}  # fmt: skip
     flat = {k: np.concatenate(v) for k, v in cols.items()}
     lengths = np.asarray(lengths, np.int64)
     starts = np.zeros(lengths.sum(), bool)
@@ -232,8 +319,11 @@ def _load_flat(dataset_id: str) -> dict:
 
     flat = _flatten_episodes(minari.load_dataset(dataset_id))
     tmp = cache.with_name(f".{CACHE_NAME}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, cache_key=key, **flat)
-    os.replace(tmp, cache)
+    try:
+        np.savez(tmp, cache_key=key, **flat)
+        os.replace(tmp, cache)
+    except OSError:  # a read-only dataset folder: load without caching
+        tmp.unlink(missing_ok=True)
     return flat
 
 
@@ -251,16 +341,29 @@ def load_dataset(dataset_id: str, *, to_device: bool = True) -> tuple[Dataset, M
     metadata = json.loads((dataset_dir(dataset_id) / "data" / "metadata.json").read_text())
     import minari
 
-    ds = minari.load_dataset(dataset_id)
-    if not isinstance(ds.action_space, gym.spaces.Box):
-        raise TypeError(
-            f"{dataset_id} has a {type(ds.action_space).__name__} action space; jaxorl's algorithms need "
-            "continuous (Box) actions"
-        )
+    hdf5 = dataset_dir(dataset_id) / "data" / "main_data.hdf5"
+    try:
+        ds = minari.load_dataset(dataset_id)
+    except Exception as e:
+        raise UserError(
+            f"cannot read {dataset_id} at {hdf5} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "is it truncated? rebuild it (local ids: python datasets/make.py ID --force) or download it again"
+        ) from None
+    check_action_space(dataset_id, ds.action_space)
     spec = getattr(ds, "_eval_env_spec", None) or ds.spec.env_spec  # Minari keeps the eval spec here
     if spec is None:
         raise ValueError(f"{dataset_id} records no environment spec, so it cannot be evaluated")
-    flat = _load_flat(dataset_id)
+    try:
+        flat = _load_flat(dataset_id)
+    except UserError as e:
+        raise UserError(f"{dataset_id} ({hdf5}): {e}") from None
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(
+            f"cannot read the episodes of {dataset_id} in {hdf5} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); rebuild or re-download it"
+        ) from None
+    check_flat(dataset_id, flat, hdf5)
+    flat["actions"] = scale_actions(flat["actions"], ds.action_space)
     env_name = spec.id.split("-")[0].lower()
     ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
     if ref_min is None or ref_max is None:

@@ -30,6 +30,15 @@ class EvalResult(NamedTuple):
     seconds: float = 0.0  # wall time of the whole evaluation (env creation to the last step)
 
 
+# Evaluation episodes per seed where --eval-episodes is not given: as the papers evaluate (10 on
+# locomotion; 100 on the goal-reaching mazes, as IQL and CORL on AntMaze).
+EVAL_EPISODES = {"antmaze": 100, "pointmaze": 100}
+
+
+def default_eval_episodes(domain: str) -> int:
+    return EVAL_EPISODES.get(domain, 10)
+
+
 def num_seeds_of(params) -> int:
     return int(jax.tree_util.tree_leaves(params)[0].shape[0])
 
@@ -55,12 +64,11 @@ def evaluate(
         done, success = np.zeros(n, bool), np.zeros(n, bool)
         has_success = False
         prev_reward = np.zeros((num_seeds, num_episodes), np.float32)
-        low, high = meta.action_space.low, meta.action_space.high
         while not done.all():
             rng, key = jax.random.split(rng)
             flat = meta.flatten_obs(obs).reshape(num_seeds, num_episodes, -1)
             actions, carry = policy(params, carry, flat, prev_reward, key)
-            actions = np.clip(np.asarray(actions, np.float64).reshape(n, -1), low, high)
+            actions = meta.to_env_action(np.asarray(actions).reshape(n, -1))
             obs, reward, term, trunc, info = envs.step(actions)
             # Gymnasium's NEXT_STEP autoreset: an env that ended is reset on its next step; mask it.
             alive = ~done
@@ -81,3 +89,56 @@ def evaluate(
         success.reshape(shape) if has_success else None,
         time.perf_counter() - t0,
     )
+
+
+class OnlineEnvs:
+    """One environment per seed for an online phase, resumable exactly.
+
+    It remembers its reset seeds and every action it was given, so a resumed run rebuilds each
+    environment's state (MuJoCo's state, elapsed steps, the env's RNG, a maze's goal) by replaying
+    them from the same resets: MuJoCo is deterministic on one machine, and replay needs nothing
+    environment-specific. Gymnasium's SAME_STEP autoreset: an ended episode's true last
+    observation is returned as `true_next`, the reset one as `obs`.
+    """
+
+    def __init__(self, meta: Meta, reset_seeds: list[int]):
+        self.meta, self.reset_seeds = meta, list(reset_seeds)
+        self.envs = gym.vector.SyncVectorEnv(
+            [meta.make_env for _ in reset_seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        )
+        self.actions: list[np.ndarray] = []  # every step's actions, (num_envs, action_dim) float32 in [-1, 1]
+
+    def reset(self) -> np.ndarray:
+        self.actions = []
+        return self.meta.flatten_obs(self.envs.reset(seed=self.reset_seeds)[0])
+
+    def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(obs, reward, terminated, truncated, true_next) after `actions` (in [-1, 1])."""
+        actions = np.asarray(actions, np.float32)
+        self.actions.append(actions)
+        obs, reward, term, trunc, info = self.envs.step(self.meta.to_env_action(actions))
+        obs = self.meta.flatten_obs(obs)
+        true_next = obs.copy()
+        for i in np.flatnonzero(term | trunc):
+            true_next[i] = self.meta.flatten_obs(info["final_obs"][i])
+        return obs, np.asarray(reward, np.float64), np.asarray(term, bool), np.asarray(trunc, bool), true_next
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the actions so far, (steps, num_envs, action_dim)."""
+        n, a = len(self.reset_seeds), self.meta.action_dim
+        return {"env_actions": np.stack(self.actions) if self.actions else np.zeros((0, n, a), np.float32)}
+
+    def restore(self, state: dict, on_step: Callable | None = None) -> np.ndarray:
+        """Reset and replay a checkpoint's actions; returns the current observation.
+        `on_step(obs, action, reward, term, trunc, true_next)` sees every replayed step (e.g. to
+        rebuild a trajectory that was running)."""
+        obs = self.reset()
+        for actions in np.asarray(state["env_actions"], np.float32):
+            prev = obs
+            obs, reward, term, trunc, true_next = self.step(actions)
+            if on_step is not None:
+                on_step(prev, actions, reward, term, trunc, true_next)
+        return obs
+
+    def close(self) -> None:
+        self.envs.close()

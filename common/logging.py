@@ -1,10 +1,24 @@
-"""Run directory, tensorboard scalars, progress bar, checkpoints and the run record.
+"""The command line, the run directory and its contract: tensorboard scalars, progress bar,
+checkpoints and the run record.
 
     runs/<algo>/<dataset id, / as ->__<YYYYmmdd-HHMMSS>-<pid>/
         config.json  events.out.tfevents.*  record.json  checkpoint.msgpack
 
-Every file is written atomically (temp file + rename), so a crash never leaves half a record or
-checkpoint behind.
+A run directory is a contract:
+- `--resume RUN_DIR` alone continues the run from its own config.json. Flags given with it may only
+  extend the budget (`--total-steps`, `--online-steps`) or change logging (`--no-log`, `--debug`);
+  any other flag that differs from the run's value is refused before anything loads, and the
+  dataset must still have the run's fingerprint. A finished run resumed without a larger budget
+  says so and changes nothing.
+- checkpoint.msgpack holds everything the next step depends on (parameters, optimizer states,
+  step, RNG, an online phase's buffer and environment actions) and the record itself. It is
+  written first and record.json after it, so a kill between the two can neither lose nor
+  duplicate an evaluation: a resumed run takes its record from the checkpoint.
+- Every file is written atomically (temp file + rename).
+- Bad input (flags, ids, data, paths): one line on stderr, exit code 1 (2 for flags tyro rejects),
+  no traceback (`--debug` shows it), and no run folder for a run that never started.
+
+An algorithm file ends with `cli(Args, train)`; `train(args)` opens `RunLogger(algo, args, meta, ...)`.
 """
 
 from __future__ import annotations
@@ -16,24 +30,224 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from flax import serialization
 from tqdm.auto import tqdm
 
-from common.data import REPO_ROOT, Meta
+from common.data import REPO_ROOT, Meta, UserError
 from common.evaluation import EvalResult
+
+CONFIG, RECORD, CHECKPOINT = "config.json", "record.json", "checkpoint.msgpack"
+BUDGET_FLAGS = ("total_steps", "online_steps")  # may grow on --resume
+LOGGING_FLAGS = ("no_log", "debug", "resume")  # may change on --resume
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
+# --- The command line -------------------------------------------------------------------------
+def cli(args_type: type, train, validate=None) -> None:
+    """Entry point of every algorithm file: parse (tyro), resolve `--resume`, validate, train.
+
+    Errors end the process with one line on stderr and exit code 1; `--debug` re-raises them."""
+    argv = sys.argv[1:]
+    import tyro
+
+    args = tyro.cli(args_type, args=argv)
+    try:
+        args = prepare(args_type, args, argv, validate)
+        if args is not None:
+            train(args)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint (if any) is in the run directory", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {describe(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def describe(e: BaseException) -> str:
+    """One line for an error: the message of expected errors, the type and first line otherwise."""
+    expected = (UserError, OSError, ValueError, TypeError, FloatingPointError, ImportError)
+    text = " ".join(str(e).split()) if isinstance(e, UserError) else (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, expected):
+        return text or type(e).__name__
+    return f"{type(e).__name__}: {text} (unexpected: run again with --debug for the traceback)"
+
+
+def prepare(args_type: type, args: Any, argv: list[str], validate=None) -> Any | None:
+    """The args a run starts from: the run's own config on `--resume` (None when it is finished),
+    checked flag by flag, with the output folder writable."""
+    if getattr(args, "resume", None):
+        args = resume_args(args_type, args, argv)
+        if args is None:
+            return None
+    check_args(args)
+    if validate is not None:
+        validate(args)
+    check_writable(Path(args.resume) if getattr(args, "resume", None) else Path(args.out_dir), "--out-dir")
+    return args
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args: Any) -> None:
+    """The flag vocabulary every file shares, checked before anything loads."""
+
+    def get(name):
+        return getattr(args, name, None)
+
+    for name in ("num_seeds", "batch_size", "eval_every", "eval_episodes"):
+        if get(name) is not None and get(name) < 1:
+            raise UserError(f"{flag(name)} must be at least 1, got {get(name)}")
+    for name in ("total_steps", "online_steps", "seed"):
+        if get(name) is not None and get(name) < 0:
+            raise UserError(f"{flag(name)} must be 0 or more, got {get(name)}")
+    if (get("total_steps") or 0) + (get("online_steps") or 0) == 0:
+        raise UserError("--total-steps (and --online-steps) are 0: nothing to train")
+    for f in dataclasses.fields(args):
+        value = get(f.name)
+        if f.name.endswith("hidden_dims") and value is not None:
+            if len(value) == 0:
+                raise UserError(f"{flag(f.name)} needs at least one layer size, e.g. {flag(f.name)} 256 256")
+            if min(value) < 1:
+                raise UserError(f"{flag(f.name)} sizes must be positive, got {' '.join(map(str, value))}")
+
+
+def check_writable(path: Path, what: str) -> None:
+    """`path` exists as a writable folder or can be created: else one clear error."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"{what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: {existing} is not writable; choose a folder you can write to")
+
+
+def given_flags(args_type: type, argv: list[str]) -> set[str]:
+    """Fields the command line names explicitly (`--flag`, `--flag=v`, tyro's `--no-flag`)."""
+    names = {f.name for f in dataclasses.fields(args_type)}
+    given = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            if name in names:
+                given.add(name)
+            elif name.startswith("no_") and name[3:] in names:
+                given.add(name[3:])
+    return given
+
+
+def from_json(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def as_json(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+class RunFiles(NamedTuple):
+    config: dict
+    record: dict
+    step: int
+    phase: str
+    raw: dict  # the checkpoint, as msgpack restored it
+
+
+def read_run(run_dir: Path) -> RunFiles:
+    """A run directory's config, checkpoint and record, or one clear error saying what is wrong."""
+    hint = "give --resume the folder a run printed on its first line"
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such folder; {hint}")
+    missing = [n for n in (CONFIG, CHECKPOINT) if not (run_dir / n).exists()]
+    if missing:
+        raise UserError(f"--resume {run_dir}: not a run directory (no {' or '.join(missing)}); {hint}")
+    try:
+        config = json.loads((run_dir / CONFIG).read_text())
+        assert isinstance(config, dict)
+    except (ValueError, AssertionError, UnicodeDecodeError) as e:
+        raise UserError(f"--resume {run_dir}: {CONFIG} is not a run config ({type(e).__name__})") from None
+    try:
+        raw = serialization.msgpack_restore((run_dir / CHECKPOINT).read_bytes())
+        step, phase = int(raw["step"]), str(raw["phase"])
+    except Exception as e:
+        raise UserError(
+            f"--resume {run_dir}: {CHECKPOINT} is truncated or corrupt ({type(e).__name__}); "
+            "it cannot be resumed, start a new run"
+        ) from None
+    if "record" in raw:
+        record = json.loads(raw["record"])
+    else:  # checkpoints written before the record moved into them
+        try:
+            record = json.loads((run_dir / RECORD).read_text())
+            assert isinstance(record, dict) and "evaluations" in record
+        except (OSError, ValueError, AssertionError) as e:
+            raise UserError(f"--resume {run_dir}: no readable run record ({type(e).__name__})") from None
+    return RunFiles(config, record, step, phase, raw)
+
+
+def resume_args(args_type: type, args: Any, argv: list[str]) -> Any | None:
+    """The run's own config, with the budget and logging flags the command line gives; any other
+    flag that differs is refused. None (after saying so) if the run is finished."""
+    run_dir = Path(args.resume)
+    run = read_run(run_dir)
+    algo = Path(command_name()).stem
+    if run.record.get("algorithm") not in (None, algo) and algo in ALGORITHM_FILES:
+        raise UserError(f"--resume {run_dir}: a {run.record['algorithm']} run, not {algo}: resume it with its own file")
+    fields = {f.name: f for f in dataclasses.fields(args_type)}
+    unknown = sorted(set(run.config) - set(fields))
+    if unknown:
+        raise UserError(f"--resume {run_dir}: its {CONFIG} has flags this file does not know ({', '.join(unknown)})")
+    given, values = given_flags(args_type, argv), {}
+    for name in fields:
+        ours = getattr(args, name)
+        theirs = from_json(run.config[name]) if name in run.config else ours
+        if name in LOGGING_FLAGS or name not in given:
+            values[name] = ours if name in LOGGING_FLAGS else theirs
+        elif name in BUDGET_FLAGS:
+            if ours < theirs:
+                raise UserError(f"{flag(name)} {ours} is below the run's {theirs}: a resumed run can only extend it")
+            values[name] = ours
+        elif as_json(ours) != as_json(theirs):
+            raise UserError(
+                f"{flag(name)} {as_json(ours)} differs from the run's {as_json(theirs)} ({run_dir / CONFIG}); "
+                "a resumed run keeps its config: drop the flag, or start a new run"
+            )
+        else:
+            values[name] = theirs
+    new = args_type(**values)
+    online = getattr(new, "online_steps", 0)
+    if run.phase == "online" and new.total_steps > run.config.get("total_steps", 0):
+        raise UserError(f"--total-steps: the run is past its offline phase ({run.config['total_steps']} updates)")
+    finished = run.step >= online if run.phase == "online" else (run.step >= new.total_steps and online == 0)
+    if finished:
+        done = f"{run.step} online steps" if run.phase == "online" else f"{run.step} updates"
+        more = "--total-steps or --online-steps" if hasattr(new, "online_steps") else "--total-steps"
+        print(f"{run_dir}: the run is finished ({done}) and nothing was changed; give a larger {more} to continue it")
+        return None
+    return new
+
+
+ALGORITHM_FILES = ("iql", "cql", "cal_ql", "famo2o", "morec", "ravl", "dt", "reinflow", "bc")
+
+
+# --- The run record ---------------------------------------------------------------------------
 def git_state() -> tuple[str, bool]:
     """(commit, dirty): dirty if the code a run executes (common/, datasets/ and the running
     algorithm file) differs from that commit."""
@@ -67,6 +281,11 @@ def device_name() -> str:
     return "cpu" if dev.platform == "cpu" else dev.device_kind
 
 
+def tier_of(total_steps: int, online_steps: int, paper_steps: tuple[int, int]) -> str:
+    """ "paper" only when EACH phase reaches the paper's budget, else "short"."""
+    return "paper" if total_steps >= paper_steps[0] and online_steps >= paper_steps[1] else "short"
+
+
 def first_nonfinite(metrics: dict, step0: int, seeds: list[int]) -> str | None:
     """Describe the earliest non-finite metrics of a chunk (arrays shaped (num_seeds, steps) whose
     step i is update step0 + i + 1), naming the seed, the step and every loss that is not finite."""
@@ -81,41 +300,40 @@ def first_nonfinite(metrics: dict, step0: int, seeds: list[int]) -> str | None:
     return f"seed {seeds[s]}, step {step0 + i + 1}: {losses}"
 
 
-class RunLogger:
-    """Owns one run directory. `resume` reopens an existing one."""
+class Checkpoint(NamedTuple):
+    state: Any
+    step: int
+    rng: jax.Array
+    phase: str  # "offline" or "online"
+    online: Any  # the online phase's device arrays (e.g. its replay buffer), or None
+    host: dict  # the online phase's host-side arrays (e.g. every environment action), or {}
 
-    def __init__(
-        self,
-        algo: str,
-        args: Any,
-        meta: Meta,
-        *,
-        seeds: list[int],
-        total_steps: int,
-        online_steps: int = 0,
-        paper_steps: tuple[int, int] = (1_000_000, 0),
-        out_dir: str = "runs",
-        resume: str | None = None,
-        tensorboard: bool = True,
-    ):
-        config = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
-        if resume:
-            self.run_dir = Path(resume)
-            if not (self.run_dir / "checkpoint.msgpack").exists():
-                raise FileNotFoundError(f"--resume {resume}: no checkpoint.msgpack in that folder")
+
+class RunLogger:
+    """Owns one run directory: a new one, or the `args.resume` one (after `prepare` checked it)."""
+
+    def __init__(self, algo: str, args: Any, meta: Meta, *, seeds: list[int], paper_steps: tuple[int, int]):
+        config = dataclasses.asdict(args)
+        total_steps, online_steps = args.total_steps, getattr(args, "online_steps", 0)
+        self.paper_steps = paper_steps
+        self.resumed: RunFiles | None = None
+        if getattr(args, "resume", None):
+            self.run_dir = Path(args.resume)
+            self.resumed = read_run(self.run_dir)
+            self.record = self.resumed.record
+            if self.record["dataset_fingerprint"] != meta.fingerprint:
+                raise UserError(
+                    f"{meta.dataset_id} now has fingerprint {meta.fingerprint[:12]}..., but the run trained on "
+                    f"{self.record['dataset_fingerprint'][:12]}...: the dataset was rebuilt or changed, so the run "
+                    "cannot continue on it"
+                )
+            self.record.update(config=config, total_steps=total_steps, online_steps=online_steps, finished=False)
+            self.record["tier"] = tier_of(total_steps, online_steps, paper_steps)
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             name = f"{meta.dataset_id.replace('/', '-')}__{stamp}-{os.getpid()}"
-            self.run_dir = Path(out_dir) / algo / name
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"run directory: {self.run_dir}", flush=True)
-        atomic_write(self.run_dir / "config.json", json.dumps(config, indent=2, default=str))
-        commit, dirty = git_state()
-        tier = "paper" if (total_steps, online_steps) >= paper_steps else "short"
-        record_path = self.run_dir / "record.json"
-        if resume and record_path.exists():
-            self.record = json.loads(record_path.read_text())
-        else:
+            self.run_dir = Path(args.out_dir) / algo / name
+            commit, dirty = git_state()
             self.record = {
                 "algorithm": algo,
                 "dataset": meta.dataset_id,
@@ -125,7 +343,7 @@ class RunLogger:
                 "dirty": dirty,
                 "jax_version": jax.__version__,
                 "device": device_name(),
-                "tier": tier,
+                "tier": tier_of(total_steps, online_steps, paper_steps),
                 "dataset_size": meta.size,
                 "dataset_fingerprint": meta.fingerprint,
                 "seeds": seeds,
@@ -133,11 +351,18 @@ class RunLogger:
                 "total_steps": total_steps,
                 "online_steps": online_steps,
                 "wall_time_s": 0.0,
+                "finished": False,
                 "evaluations": [],
             }
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.run_dir / CONFIG, json.dumps(config, indent=2, default=str))
+        except OSError as e:
+            raise UserError(f"cannot write the run directory {self.run_dir}: {e.strerror or e}") from None
+        print(f"run directory: {self.run_dir}", flush=True)
         self._wall0 = time.time() - self.record["wall_time_s"]
         self.writer = None
-        if tensorboard:
+        if not getattr(args, "no_log", False):
             from tensorboard.summary import Writer
 
             self.writer = Writer(str(self.run_dir))
@@ -167,6 +392,7 @@ class RunLogger:
 
     # --- evaluations and the record ---
     def evaluation(self, step: int, result: EvalResult, phase: str = "offline") -> dict:
+        """Add an evaluation to the record (in memory: `save_checkpoint` writes it to disk)."""
         per_seed = result.normalized.mean(1)
         entry = {
             "step": int(step),
@@ -191,37 +417,61 @@ class RunLogger:
         self.record["final"] = summarize(entry)
         if phase == "offline":
             self.record["final_offline"] = self.record["final"]
-        self.record["wall_time_s"] = round(time.time() - self._wall0, 1)
-        atomic_write(self.run_dir / "record.json", json.dumps(self.record, indent=1))
         if self.bar is not None:
             self.bar.set_postfix(score=f"{per_seed.mean():.1f}", refresh=True)
         return self.record["final"]
 
+    def stop_nonfinite(self, bad: str, where: str = "") -> None:
+        """Raise the error of a non-finite loss, naming the checkpoint that is left (if any)."""
+        ckpt = self.run_dir / CHECKPOINT
+        self.close(finished=False)
+        left = f"the last finite checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written before it"
+        raise FloatingPointError(f"non-finite loss{where}, training stopped at {bad}; {left}")
+
     # --- checkpoints ---
-    def save_checkpoint(self, state: Any, step: int, rng: jax.Array, phase: str = "offline") -> None:
-        payload = {"state": state, "step": step, "rng": jax.random.key_data(rng), "phase": phase}
-        atomic_write(self.run_dir / "checkpoint.msgpack", serialization.to_bytes(jax.device_get(payload)))
-
-    def load_checkpoint(self, state_template: Any, rng_template: jax.Array):
-        """(state, step, rng, phase) from the run directory's checkpoint."""
-        template = {
-            "state": state_template,
-            "step": 0,
-            "rng": jax.random.key_data(rng_template),
-            "phase": "offline",
+    def save_checkpoint(
+        self, state: Any, step: int, rng: jax.Array, phase: str = "offline", online: Any = None, host: dict = None
+    ) -> None:
+        """Checkpoint (with the record inside), then record.json: a kill between the two loses nothing."""
+        self.record["wall_time_s"] = round(time.time() - self._wall0, 1)
+        payload = {
+            "state": serialization.to_state_dict(jax.device_get(state)),
+            "step": int(step),
+            "rng": np.asarray(jax.random.key_data(rng)),
+            "phase": phase,
+            "record": json.dumps(self.record),
+            "online": {} if online is None else serialization.to_state_dict(jax.device_get(online)),
+            "host": host or {},
         }
-        raw = serialization.msgpack_restore((self.run_dir / "checkpoint.msgpack").read_bytes())
-        payload = serialization.from_state_dict(template, raw)
-        rng = jax.random.wrap_key_data(np.asarray(payload["rng"]))
-        return payload["state"], int(payload["step"]), rng, str(payload["phase"])
+        atomic_write(self.run_dir / CHECKPOINT, serialization.msgpack_serialize(payload))
+        atomic_write(self.run_dir / RECORD, json.dumps(self.record, indent=1))
 
-    def close(self) -> dict:
+    def load_checkpoint(self, state_template: Any, rng_template: jax.Array, online_template: Any = None) -> Checkpoint:
+        """The resumed run's checkpoint, shaped like the templates (the state of a fresh init)."""
+        raw = self.resumed.raw
+        try:
+            state = serialization.from_state_dict(state_template, raw["state"])
+            online = raw.get("online") or None  # as saved (nested dicts of arrays) without a template
+            if online_template is not None and online is not None:
+                online = serialization.from_state_dict(online_template, online)
+            rng = jax.random.wrap_key_data(np.asarray(raw["rng"]).reshape(jax.random.key_data(rng_template).shape))
+            same = jax.tree_util.tree_map(lambda a, b: np.shape(a) == np.shape(b), state_template, state)
+            if not all(jax.tree_util.tree_leaves(same)):
+                raise ValueError("array shapes differ")
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.run_dir / CHECKPOINT} does not fit this run's networks ({e})") from None
+        host = {k: np.asarray(v) for k, v in raw.get("host", {}).items()}
+        return Checkpoint(state, self.resumed.step, rng, self.resumed.phase, online, host)
+
+    def close(self, finished: bool = True) -> dict:
+        """Close the logs; `finished` marks a run that reached its budget."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
         self.record["wall_time_s"] = round(time.time() - self._wall0, 1)
-        atomic_write(self.run_dir / "record.json", json.dumps(self.record, indent=1))
+        self.record["finished"] = finished
+        atomic_write(self.run_dir / RECORD, json.dumps(self.record, indent=1))
         return self.record
 
 

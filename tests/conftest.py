@@ -63,7 +63,8 @@ PENDULUM_HORIZON = 100
 def build_pendulum_dataset(dataset_id: str = PENDULUM_ID, num_episodes: int = 60, noise: float = 0.3, seed: int = 0):
     """A scripted-controller set on InvertedPendulum-v5 (100-step episodes) for tests that need good
     episodes regardless of which behaviour policies are shipped: a PD controller plus Gaussian
-    noise, actions in [-1, 1]. ref_min = a uniformly random policy (about 5), ref_max = 100."""
+    noise, actions in the env's Box [-3, 3] (algorithms see them mapped to [-1, 1]).
+    ref_min = a uniformly random policy (about 5), ref_max = 100."""
     import gymnasium as gym
     import minari
     import numpy as np
@@ -78,7 +79,7 @@ def build_pendulum_dataset(dataset_id: str = PENDULUM_ID, num_episodes: int = 60
         observations, actions, rewards, terms, truncs = [obs], [], [], [], []
         while True:
             std = noise if ep % 3 else 5 * noise
-            a = np.clip(gains @ obs + std * rng.standard_normal(), -1, 1).astype(np.float32)[None]
+            a = np.clip(gains @ obs + std * rng.standard_normal(), -3, 3).astype(np.float32)[None]  # the env's Box
             obs, r, term, trunc, _ = env.step(a)
             observations.append(obs), actions.append(a), rewards.append(r), terms.append(term), truncs.append(trunc)
             if term or trunc:

@@ -102,7 +102,7 @@ def test_discrete_actions_rejected():
         "test/cartpole/discrete-v0", [ep], env=env, algorithm_name="x", code_permalink="x", author="x",
         author_email="-", ref_min_score=0.0, ref_max_score=1.0, data_format="hdf5",
     )  # fmt: skip
-    with pytest.raises(TypeError, match="Box"):
+    with pytest.raises(data_mod.UserError, match="Box"):
         load_dataset("test/cartpole/discrete-v0")
 
 
@@ -122,7 +122,7 @@ def manual_rollouts(meta, gain, seed, episodes):
         obs, _ = env.reset(seed=seed + j)
         ret, n, done = 0.0, 0, False
         while not done:
-            obs, r, term, trunc, _ = env.step(np.clip(gain * obs[1:2], -1, 1))
+            obs, r, term, trunc, _ = env.step(meta.to_env_action(np.clip(gain * obs[1:2], -1, 1)))
             ret, n, done = ret + r, n + 1, term or trunc
         returns.append(ret)
         lengths.append(n)
@@ -136,10 +136,11 @@ def weak_controller(params, carry, obs, prev_reward, rng):
 
 def test_evaluate_counts_exactly_each_episode(pendulum_dataset):
     _, meta = load_dataset(pendulum_dataset, to_device=False)
-    params = {"k": jnp.array([0.5, 1.0])}  # two "seeds", two controllers
+    gains = [0.5 / 3, 1.0 / 3]  # the policy's [-1, 1] maps to the env's [-3, 3]
+    params = {"k": jnp.array(gains)}  # two "seeds", two controllers
     result = evaluate(meta, weak_controller, params, num_episodes=4, seed=7)
     assert result.returns.shape == (2, 4) and result.success is None
-    for s, k in enumerate([0.5, 1.0]):
+    for s, k in enumerate(gains):
         returns, lengths = manual_rollouts(meta, k, seed=7, episodes=4)
         # Episodes end at different times; nothing after an env's end (NEXT_STEP autoreset) is counted.
         assert len(set(lengths)) > 1
@@ -167,3 +168,86 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_write(target, '{"half": ')
     assert target.read_text() == '{"ok": 1}'
+
+
+# --- action bounds ----------------------------------------------------------------------------
+def write_boxed_pendulum(dataset_id, low, high):
+    """Three 200-step Pendulum episodes through RescaleAction to the Box [low, high], whose actions
+    sit at low, the middle and high."""
+    from gymnasium.wrappers import RescaleAction
+
+    env = RescaleAction(gym.make("Pendulum-v1"), low, high)  # the spec records the wrapper
+    episodes = []
+    for i, value in enumerate([low, (low + high) / 2, high]):
+        obs, _ = env.reset(seed=i)
+        observations, actions, rewards = [obs], [], []
+        for _ in range(200):
+            obs, r, *_ = env.step(np.array([value], np.float32))
+            observations.append(obs), actions.append([value]), rewards.append(r)
+        episodes.append(EpisodeBuffer(id=i, observations=np.asarray(observations), rewards=np.asarray(rewards),
+                                      actions=np.asarray(actions, np.float32), terminations=np.zeros(200, bool),
+                                      truncations=np.eye(200, dtype=bool)[-1]))  # fmt: skip
+    minari.create_dataset_from_buffers(
+        dataset_id, episodes, env=env, algorithm_name="x", code_permalink="x", author="x",
+        author_email="-", ref_min_score=-1500.0, ref_max_score=0.0, data_format="hdf5",
+    )  # fmt: skip
+    return env
+
+
+@pytest.mark.parametrize("low, high, name", [(-0.4, 0.4, "pm04"), (0.0, 2.0, "zero2")])
+def test_actions_mapped_into_unit_box_and_back_in_evaluation(low, high, name):
+    dataset_id = f"test/box/{name}-v0"
+    env = write_boxed_pendulum(dataset_id, low, high)
+    data, meta = load_dataset(dataset_id, to_device=False)
+    np.testing.assert_allclose(data.actions[[0, 200, 400], 0], [-1.0, 0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(meta.to_env_action(np.array([[-1.0], [0.0], [1.0], [3.0]]))[:, 0],
+                               [low, (low + high) / 2, high, high], atol=1e-6)  # fmt: skip
+
+    def policy(params, carry, obs, prev_reward, rng):  # always +1: the env must receive `high`
+        return jnp.ones(obs.shape[:-1] + (1,)), carry
+
+    result = evaluate(meta, policy, jnp.zeros((1, 1)), num_episodes=2, seed=7)
+    for j in range(2):  # the same episodes stepped by hand with action `high`
+        env.reset(seed=7 + j)
+        expected = sum(env.step(np.array([high], np.float32))[1] for _ in range(200))
+        np.testing.assert_allclose(result.returns[0, j], expected, rtol=1e-5)
+
+
+def test_unbounded_action_space_refused():
+    with pytest.raises(data_mod.UserError, match="unbounded"):
+        data_mod.check_action_space("test/x-v0", gym.spaces.Box(-np.inf, np.inf, (2,)))
+    with pytest.raises(data_mod.UserError, match="unbounded"):  # half-bounded
+        data_mod.check_action_space("test/x-v0", gym.spaces.Box(np.array([0.0, 0.0]), np.array([1.0, np.inf])))
+
+
+def test_online_envs_give_the_true_last_observation_and_replay_exactly():
+    from common.evaluation import OnlineEnvs
+
+    write_boxed_pendulum("test/box/online-v0", -2.0, 2.0)
+    _, meta = load_dataset("test/box/online-v0", to_device=False)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (230, 2, 1)).astype(np.float32)
+    envs = OnlineEnvs(meta, [5, 6])
+    obs = envs.reset()
+    trace = []
+    for a in actions:
+        obs, reward, term, trunc, true_next = envs.step(a)
+        trace.append((obs, reward, trunc, true_next))
+    # Pendulum truncates at step 200: `true_next` is the last observation of the episode, `obs` the reset one.
+    obs199, _, trunc199, true199 = trace[199]
+    assert trunc199.all() and not trace[198][2].any()
+    single = meta.make_env()
+    single.reset(seed=5)
+    for a in actions[:200, 0]:
+        last = single.step(meta.to_env_action(a))[0]
+    np.testing.assert_allclose(true199[0], last)
+    assert not np.allclose(obs199[0], last)
+    # A checkpoint's actions, replayed from the same resets, rebuild the same environments.
+    restored = OnlineEnvs(meta, [5, 6])
+    seen = []
+    now = restored.restore(envs.state(), on_step=lambda *step: seen.append(step))
+    np.testing.assert_array_equal(now, obs)
+    assert len(seen) == 230
+    np.testing.assert_array_equal(seen[199][5], true199)
+    more = rng.uniform(-1, 1, (2, 1)).astype(np.float32)
+    np.testing.assert_array_equal(restored.step(more)[0], envs.step(more)[0])
