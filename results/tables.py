@@ -3,10 +3,13 @@
     python results/tables.py --add runs/iql/<run>/     # copy a finished run's record.json into results/records/
     python results/tables.py                           # regenerate results/README.md and results/plots/*.png
 
-Records live in `results/records/<algo>/<dataset id, / as ->__<tier>.json`, exactly as the run wrote
-them. For each record the table shows the last evaluation and the best one (the evaluation with
-the highest mean over seeds), each as mean ± std over seeds of the per-seed average over episodes;
-offline-to-online records read `offline -> online`.
+Records live in `results/records/<algo>/<dataset id, / as ->__<tier>[__<variant>].json`, exactly as
+the run wrote them (variant: `top10` for BC on the best 10% of episodes). For each record the table
+shows the last evaluation and the best one (the evaluation with the highest mean over seeds), each as
+mean ± std over seeds of the per-seed average over episodes; offline-to-online records read
+`offline -> online`. Rows are grouped by dataset with the behaviour-cloning baselines first, so every
+algorithm sits beside BC on the same data; the `data` column (the dataset's fingerprint) shows
+whether two rows trained on the same bytes, and `preset` the resolved values that differ by dataset.
 """
 
 from __future__ import annotations
@@ -24,8 +27,39 @@ RECORDS = HERE / "records"
 PLOTS = HERE / "plots"
 
 
+# Resolved config values shown in the `preset` column: the ones presets set per domain or dataset.
+PRESET_KEYS = {
+    "iql": ("expectile", "beta"),
+    "cql": ("cql_alpha", "cql_lagrange", "normalize_rewards", "reward_scale"),
+    "cal_ql": ("cql_alpha", "cql_lagrange", "normalize_rewards", "reward_scale", "mixing_ratio"),
+    "dt": ("target_return", "rtg_scale"),
+    "bc": ("top_fraction",),
+}
+
+
+def top_fraction(record: dict) -> float:
+    return float(record.get("config", {}).get("top_fraction", 1.0)) if record["algorithm"] == "bc" else 1.0
+
+
+def variant(record: dict) -> str:
+    """'' for the algorithm itself, 'top10' for BC on the best 10% of episodes."""
+    return f"top{round(100 * top_fraction(record))}" if top_fraction(record) < 1.0 else ""
+
+
+def label(record: dict) -> str:
+    if record["algorithm"] == "bc":
+        return f"{100 * top_fraction(record):g}% BC" if variant(record) else "BC"
+    return record["algorithm"]
+
+
 def record_name(record: dict) -> Path:
-    return RECORDS / record["algorithm"] / f"{record['dataset'].replace('/', '-')}__{record['tier']}.json"
+    suffix = f"__{variant(record)}" if variant(record) else ""
+    return RECORDS / record["algorithm"] / f"{record['dataset'].replace('/', '-')}__{record['tier']}{suffix}.json"
+
+
+def preset(record: dict) -> str:
+    config = record.get("config", {})
+    return ", ".join(f"{k} {config[k]}" for k in PRESET_KEYS.get(record["algorithm"], ()) if k in config)
 
 
 def add(run_dir: Path) -> Path:
@@ -73,11 +107,17 @@ def row(record: dict) -> str:
     code = record["commit"] + (" (dirty)" if record["dirty"] else "")
     # evaluation speed from the last evaluation (compiled by then); older records did not time it
     speed = f"{evals[-1]['episodes_per_s']:.2f}" if "episodes_per_s" in evals[-1] else ""
+    data = record.get("dataset_fingerprint", "")[:8]
     return (
-        f"| {record['algorithm']} | {record['dataset']} | {last} | {best} | {success} | {record['num_seeds']} | "
+        f"| {label(record)} | {record['dataset']} | {last} | {best} | {success} | {record['num_seeds']} | "
         f"{budget} | {record['tier']} | {record['device']} | {record['wall_time_s'] / 60:.0f} min | {speed} | "
-        f"{code} | `{cmd}` |"
+        f"{code} | {data} | {preset(record)} | `{cmd}` |"
     )
+
+
+def order(record: dict) -> tuple:
+    """Grouped by dataset; BC, then filtered BC, then the algorithms by name."""
+    return (record["dataset"], record["algorithm"] != "bc", -top_fraction(record), record["algorithm"])
 
 
 def plot(record: dict, path: Path) -> None:
@@ -97,7 +137,7 @@ def plot(record: dict, path: Path) -> None:
         ax.fill_between(steps, scores.min(1), scores.max(1), alpha=0.2)
     ax.set_xlabel("updates (+ online env steps)")
     ax.set_ylabel("normalized score")
-    ax.set_title(f"{record['algorithm']} on {record['dataset']} ({record['num_seeds']} seeds)", fontsize=9)
+    ax.set_title(f"{label(record)} on {record['dataset']} ({record['num_seeds']} seeds)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -120,24 +160,24 @@ def generate() -> str:
         "",
     ]
     for tier in ("paper", "short"):
-        rows = [r for r in records if r["tier"] == tier]
+        rows = sorted((r for r in records if r["tier"] == tier), key=order)
         if not rows:
             continue
         lines += [
             f"## Tier: {tier}",
             "",
             "| algorithm | dataset | last | best | success | seeds | budget | tier | device | wall time "
-            "| eval episodes/s | commit | command |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| eval episodes/s | commit | data | preset | command |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [row(r) for r in rows] + [""]
     if not records:
         lines.append("No records yet.")
     PLOTS.mkdir(exist_ok=True)
-    for r in records:
+    for r in sorted(records, key=order):
         name = record_name(r).stem
         plot(r, PLOTS / f"{r['algorithm']}__{name}.png")
-        lines.append(f"![{r['algorithm']} {r['dataset']}](plots/{r['algorithm']}__{name}.png)")
+        lines.append(f"![{label(r)} {r['dataset']}](plots/{r['algorithm']}__{name}.png)")
     lines += ["", "Update throughput: [throughput/README.md](throughput/README.md).", ""]
     return "\n".join(lines)
 

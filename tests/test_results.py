@@ -23,7 +23,8 @@ def record(**overrides):
     r = {
         "algorithm": "cal_ql", "dataset": "local/hopper/medium-v0", "command": ["algorithms/cal_ql.py", "--x"],
         "commit": "abc1234", "dirty": False, "device": "cpu", "tier": "short", "seeds": [0, 1], "num_seeds": 2,
-        "total_steps": 100, "online_steps": 50, "wall_time_s": 120.0,
+        "total_steps": 100, "online_steps": 50, "wall_time_s": 120.0, "dataset_fingerprint": "5e3a9c01" + "0" * 56,
+        "config": {"cql_alpha": 5.0, "normalize_rewards": False},
         "evaluations": [
             entry(100, "offline", [[10.0, 20.0], [30.0, 40.0]]),  # seeds 15, 35 -> 25 ± 10
             entry(50, "online", [[50.0, 50.0], [70.0, 70.0]], episodes_per_s=2.5),  # 60 ± 10
@@ -41,6 +42,7 @@ def test_offline_to_online_row():
     assert cells[6] == "100 updates + 50 env steps"
     assert cells[10] == "2.50"
     assert cells[11] == "abc1234"
+    assert cells[12] == "5e3a9c01" and cells[13] == "cql_alpha 5.0, normalize_rewards False"
     assert "(dirty)" in tables.row(record(dirty=True))
 
 
@@ -60,3 +62,18 @@ def test_generate_and_add(tmp_path, monkeypatch):
     text = tables.generate()
     assert "| cal_ql | local/hopper/medium-v0 | 25.0 ± 10.0 -> 60.0 ± 10.0 |" in text
     assert (tmp_path / "plots" / "cal_ql__local-hopper-medium-v0__short.png").stat().st_size > 0
+
+
+def test_bc_rows_first_and_filtered_bc_named_apart(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(tables, "PLOTS", tmp_path / "plots")
+    offline = dict(online_steps=0, evaluations=[entry(100, "offline", [[10.0, 20.0], [30.0, 40.0]])])
+    for algo, config in [("iql", {}), ("bc", {"top_fraction": 0.1}), ("bc", {"top_fraction": 1.0}), ("cql", {})]:
+        r = record(algorithm=algo, config=config, **offline)
+        path = tables.record_name(r)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    assert sorted(p.name for p in (tmp_path / "records" / "bc").iterdir()) == [
+        "local-hopper-medium-v0__short.json", "local-hopper-medium-v0__short__top10.json"]  # fmt: skip
+    rows = [line.split("|")[1].strip() for line in tables.generate().splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["BC", "10% BC", "cql", "iql"]  # after the header
