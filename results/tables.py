@@ -4,7 +4,8 @@
     python results/tables.py                           # regenerate results/README.md and results/plots/*.png
 
 Records live in `results/records/<algo>/<dataset id, / as ->__<tier>[__<variant>].json`, exactly as
-the run wrote them (variant: `top10` for BC on the best 10% of episodes). For each record the table
+the run wrote them (variant: `top10` for BC on the best 10% of episodes, or the name given to
+`--add --variant NAME` for a run made to test a finding, e.g. `beta0`). For each record the table
 shows the last evaluation and the best one (the evaluation with the highest mean over seeds), each as
 mean ± std over seeds of the per-seed average over episodes; offline-to-online records read
 `offline -> online`. Rows are grouped by dataset with the behaviour-cloning baselines first, so every
@@ -25,6 +26,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 RECORDS = HERE / "records"
 PLOTS = HERE / "plots"
+FINDINGS = HERE / "findings.md"
 
 
 # Resolved config values shown in the `preset` column: the ones presets set per domain or dataset.
@@ -42,14 +44,25 @@ def top_fraction(record: dict) -> float:
 
 
 def variant(record: dict) -> str:
-    """'' for the algorithm itself, 'top10' for BC on the best 10% of episodes."""
+    """'' for the algorithm itself, 'top10' for BC on the best 10% of episodes, else the name the
+    record was added under (kept in memory as `_variant`, never written into the record)."""
+    if record.get("_variant"):
+        return record["_variant"]
     return f"top{round(100 * top_fraction(record))}" if top_fraction(record) < 1.0 else ""
 
 
 def label(record: dict) -> str:
-    if record["algorithm"] == "bc":
+    if record["algorithm"] == "bc" and not record.get("_variant"):
         return f"{100 * top_fraction(record):g}% BC" if variant(record) else "BC"
-    return record["algorithm"]
+    return f"{record['algorithm']} [{variant(record)}]" if variant(record) else record["algorithm"]
+
+
+def load(path: Path) -> dict:
+    record = json.loads(path.read_text())
+    parts = path.stem.split("__")
+    if len(parts) > 2 and parts[2] != variant(record):
+        record["_variant"] = parts[2]
+    return record
 
 
 def record_name(record: dict) -> Path:
@@ -62,8 +75,10 @@ def preset(record: dict) -> str:
     return ", ".join(f"{k} {config[k]}" for k in PRESET_KEYS.get(record["algorithm"], ()) if k in config)
 
 
-def add(run_dir: Path) -> Path:
+def add(run_dir: Path, name: str | None = None) -> Path:
     record = json.loads((run_dir / "record.json").read_text())
+    if name:
+        record["_variant"] = name
     if not record.get("evaluations"):
         raise SystemExit(f"{run_dir}: the record has no evaluation yet")
     online = record.get("online_steps", 0) > 0
@@ -145,7 +160,7 @@ def plot(record: dict, path: Path) -> None:
 
 
 def generate() -> str:
-    records = [json.loads(p.read_text()) for p in sorted(RECORDS.rglob("*.json"))]
+    records = [load(p) for p in sorted(RECORDS.rglob("*.json"))]
     lines = [
         "# Results",
         "",
@@ -173,6 +188,8 @@ def generate() -> str:
         lines += [row(r) for r in rows] + [""]
     if not records:
         lines.append("No records yet.")
+    if FINDINGS.exists():  # prose explaining the numbers above; each number in it names its record
+        lines += [FINDINGS.read_text().strip(), ""]
     PLOTS.mkdir(exist_ok=True)
     for r in sorted(records, key=order):
         name = record_name(r).stem
@@ -185,9 +202,10 @@ def generate() -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--add", type=Path, nargs="*", default=[], help="run directories whose records to copy in")
+    p.add_argument("--variant", default=None, help="file the added records under this name (a run testing a finding)")
     a = p.parse_args(argv)
     for run_dir in a.add:
-        print(f"added {add(run_dir)}")
+        print(f"added {add(run_dir, a.variant)}")
     text = generate()
     tmp = HERE / ".README.md.tmp"
     tmp.write_text(text)

@@ -67,6 +67,7 @@ def test_generate_and_add(tmp_path, monkeypatch):
 def test_bc_rows_first_and_filtered_bc_named_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "RECORDS", tmp_path / "records")
     monkeypatch.setattr(tables, "PLOTS", tmp_path / "plots")
+    monkeypatch.setattr(tables, "FINDINGS", tmp_path / "findings.md")
     offline = dict(online_steps=0, evaluations=[entry(100, "offline", [[10.0, 20.0], [30.0, 40.0]])])
     for algo, config in [("iql", {}), ("bc", {"top_fraction": 0.1}), ("bc", {"top_fraction": 1.0}), ("cql", {})]:
         r = record(algorithm=algo, config=config, **offline)
@@ -77,3 +78,9 @@ def test_bc_rows_first_and_filtered_bc_named_apart(tmp_path, monkeypatch):
         "local-hopper-medium-v0__short.json", "local-hopper-medium-v0__short__top10.json"]  # fmt: skip
     rows = [line.split("|")[1].strip() for line in tables.generate().splitlines() if line.startswith("| ")]
     assert rows[1:] == ["BC", "10% BC", "cql", "iql"]  # after the header
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "record.json").write_text(json.dumps(record(algorithm="iql", config={"beta": 0.0}, **offline)))
+    assert tables.add(run, "beta0").name == "local-hopper-medium-v0__short__beta0.json"
+    rows = [line.split("|")[1].strip() for line in tables.generate().splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["BC", "10% BC", "cql", "iql", "iql [beta0]"]
