@@ -12,16 +12,25 @@ Follows the official code (kzl/decision-transformer, gym/: models/decision_trans
 training/seq_trainer.py, experiment.py): a learned absolute-timestep embedding shared by the three
 tokens of a step, LayerNorm on the embeddings, GPT-2 blocks (pre-LayerNorm, ReLU MLP of 4x width,
 dropout on embeddings, attention and residuals) without positional embeddings, a tanh action head,
-MSE on non-padded steps, AdamW with linear warmup and grad-norm clipping 0.25, segments whose
-start is drawn uniformly over all transitions (= episodes in proportion to their length, start
-uniform within), left padding, states normalized by the dataset's mean and std, returns-to-go
-(undiscounted) divided by 1000 on locomotion. Evaluation runs every episode of every seed at once;
-each environment keeps a fixed-size window of its last K steps in the policy's carry, so nothing
-recompiles during an episode.
+MSE on non-padded steps, grad-norm clipping 0.25 then AdamW (weight decay on every parameter, as
+torch's AdamW there) with a linear warmup, segments whose start is drawn uniformly over all
+transitions (= episodes in proportion to their length, start uniform within), left padding, states
+normalized by the dataset's mean and std, returns-to-go (undiscounted) divided by 1000 on
+locomotion, and the paper's evaluation target per robot (hopper 3600, halfcheetah 6000, walker2d
+5000). Evaluation runs every episode of every seed at once; each environment keeps a fixed-size
+window of its last K steps in the policy's carry, so nothing recompiles during an episode.
+
+Mazes (antmaze, pointmaze; not in the paper) follow this repo's rule: their returns are on no
+fixed scale (1 per goal-reaching episode of a local sparse PointMaze set, tens on a dense one,
+up to hundreds of steps at the goal where episodes run on), so the return-to-go scale is the
+dataset's best episode return (the data's returns-to-go lie in [0, 1]) and, as the paper gives no
+target there, the evaluation is conditioned on that best return (R_0 = 1). 100 evaluation
+episodes per seed on mazes, 10 on locomotion.
 
     python algorithms/dt.py                                    # local/hopper/medium-v0, paper budget
     python algorithms/dt.py --dataset local/walker2d/medium-v0 --num-seeds 2 --total-steps 10000
     python algorithms/dt.py --dataset local/hopper/medium-v0 --target-return 1800
+    python algorithms/dt.py --dataset local/pointmaze/umaze-sparse-v0 --total-steps 20000
 """
 
 from __future__ import annotations
@@ -36,11 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 
-from common.data import load_dataset
-from common.evaluation import evaluate
-from common.logging import RunLogger, first_nonfinite
+from common.data import Meta, UserError, load_dataset
+from common.evaluation import default_eval_episodes, evaluate
+from common.logging import RunLogger, cli, first_nonfinite
 
 
 @dataclass(frozen=True)
@@ -57,14 +65,16 @@ class Args:
     no_log: bool = False
     """no tensorboard events (tests)"""
     resume: str | None = None
-    """a run directory to continue from its checkpoint"""
+    """a run directory to continue from its checkpoint, with its own config (flags may only extend the budget)"""
+    debug: bool = False
+    """show the Python traceback of an error instead of one line"""
     # --- Training ---
     total_steps: int = 100_000
     """gradient updates (the official 10 iterations x 10k)"""
     eval_every: int = 10_000
     """updates between evaluations"""
-    eval_episodes: int = 10
-    """evaluation episodes per seed"""
+    eval_episodes: int | None = None
+    """evaluation episodes per seed (None: 10 on locomotion, 100 on mazes)"""
     batch_size: int = 64
     """trajectory segments per update per seed"""
     learning_rate: float = 1e-4
@@ -74,7 +84,7 @@ class Args:
     warmup_steps: int = 10_000
     """linear learning-rate warmup: lr * min((step + 1) / warmup_steps, 1)"""
     grad_clip: float = 0.25
-    """global gradient-norm clip"""
+    """global gradient-norm clip, before AdamW"""
     # --- Decision Transformer ---
     context_len: int = 20
     """K: steps in the context window (3K tokens)"""
@@ -87,36 +97,94 @@ class Args:
     dropout: float = 0.1
     """dropout on embeddings, attention weights and residual branches"""
     rtg_scale: float | None = None
-    """returns-to-go are divided by this at train and test time (None: 1000 on locomotion and adroit,
-    1 on goal-reaching and kitchen sets)"""
+    """returns-to-go are divided by this at train and test time (None: the preset, 1000 on
+    locomotion and adroit, the dataset's best episode return on mazes, 1 on kitchen)"""
     target_return: float | None = None
-    """return the evaluation is conditioned on (None: the paper's per robot, hopper 3600,
-    halfcheetah 6000, walker2d 5000; otherwise the dataset's best episode return)"""
+    """return the evaluation is conditioned on (None: the preset, the paper's per robot, hopper
+    3600, halfcheetah 6000, walker2d 5000; otherwise the dataset's best episode return)"""
     max_ep_len: int | None = None
     """rows of the timestep embedding; later steps are clipped to the last row (None: the
     evaluation env's time limit, or 1000)"""
 
 
-# The paper's evaluation targets (its appendix; the official code's first target per env).
-PAPER_TARGETS = {"hopper": 3600.0, "halfcheetah": 6000.0, "walker2d": 5000.0}
-# rtg scale per domain: the paper's 1000 for MuJoCo; sparse goal-reaching returns are small
-# (this repo's choice, as for kitchen's <= 4 subtasks).
-RTG_SCALES = {"locomotion": 1000.0, "adroit": 1000.0, "antmaze": 1.0, "pointmaze": 1.0, "kitchen": 1.0}
+# Presets per domain. DATA_MAX stands for the dataset's best episode return.
+DATA_MAX = "dataset max return"
+PRESETS = {
+    # The paper's scale 1000 for MuJoCo (and the official code's for every gym env).
+    "locomotion": dict(rtg_scale=1000.0, target_return=DATA_MAX),
+    "adroit": dict(rtg_scale=1000.0, target_return=DATA_MAX),
+    # Goal-reaching (this repo's rule, the paper has none): returns on no fixed scale, so divide
+    # by the data's best (rtg in [0, 1]) and condition on it.
+    "antmaze": dict(rtg_scale=DATA_MAX, target_return=DATA_MAX),
+    "pointmaze": dict(rtg_scale=DATA_MAX, target_return=DATA_MAX),
+    "kitchen": dict(rtg_scale=1.0, target_return=DATA_MAX),  # <= 4 subtasks: already O(1)
+}
+# Refinements by robot (every level) or (robot, level): the paper's evaluation targets (its
+# appendix; the official code's first target per env), one per robot: this repo's choice.
+DATASET_PRESETS: dict[str | tuple[str, str], dict] = {
+    "hopper": dict(target_return=3600.0),
+    "halfcheetah": dict(target_return=6000.0),
+    "walker2d": dict(target_return=5000.0),
+}
 PAD_ACTION = -10.0  # the official training padding; the mask hides it
 PAPER_STEPS = (100_000, 0)
 
 
-def resolve(args: Args, meta) -> Args:
-    """Fill the None fields from the dataset; an explicit flag always wins."""
-    robot = meta.env_spec.id.split("-")[0].lower()
-    target = PAPER_TARGETS.get(robot, float(np.max(meta.episode_returns)))
-    max_len = meta.env_spec.max_episode_steps or 1000
-    return dataclasses.replace(
-        args,
-        rtg_scale=RTG_SCALES[meta.domain] if args.rtg_scale is None else args.rtg_scale,
-        target_return=target if args.target_return is None else args.target_return,
-        max_ep_len=max_len if args.max_ep_len is None else args.max_ep_len,
-    )
+def preset_for(meta: Meta) -> dict[str, float]:
+    """The table's rtg_scale and target_return for this dataset, DATA_MAX filled in (a scale of 1
+    where no episode has a positive return)."""
+    best = float(np.max(meta.episode_returns))
+    table = {
+        **PRESETS[meta.domain],
+        **DATASET_PRESETS.get(meta.robot, {}),
+        **DATASET_PRESETS.get((meta.robot, meta.level), {}),
+    }
+    return {
+        "rtg_scale": (best if best > 0 else 1.0) if table["rtg_scale"] == DATA_MAX else table["rtg_scale"],
+        "target_return": best if table["target_return"] == DATA_MAX else table["target_return"],
+    }
+
+
+def resolve(args: Args, meta: Meta) -> Args:
+    """Fill the None fields from the dataset's preset (domain, then robot and level); an explicit
+    flag always wins."""
+    preset = {
+        **preset_for(meta),
+        "eval_episodes": default_eval_episodes(meta.domain),
+        "max_ep_len": meta.env_spec.max_episode_steps or 1000,
+    }
+    return dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+
+
+def validate(args: Args) -> None:
+    """DT's own flags, checked before anything loads (common's cli checks the shared ones)."""
+    checks = [
+        (args.context_len >= 1, f"--context-len must be at least 1, got {args.context_len}"),
+        (args.embed_dim >= 1, f"--embed-dim must be at least 1, got {args.embed_dim}"),
+        (args.num_heads >= 1, f"--num-heads must be at least 1, got {args.num_heads}"),
+        (
+            args.embed_dim % max(args.num_heads, 1) == 0,
+            f"--embed-dim {args.embed_dim} must be divisible by --num-heads {args.num_heads}",
+        ),
+        (args.num_layers >= 1, f"--num-layers must be at least 1, got {args.num_layers}"),
+        (0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}"),
+        (args.learning_rate > 0, f"--learning-rate must be positive, got {args.learning_rate}"),
+        (args.weight_decay >= 0, f"--weight-decay must be 0 or more, got {args.weight_decay}"),
+        (args.warmup_steps >= 1, f"--warmup-steps must be at least 1, got {args.warmup_steps}"),
+        (args.grad_clip > 0, f"--grad-clip must be positive, got {args.grad_clip}"),
+        (
+            args.rtg_scale is None or (np.isfinite(args.rtg_scale) and args.rtg_scale > 0),
+            f"--rtg-scale must be a positive number, got {args.rtg_scale}",
+        ),
+        (
+            args.target_return is None or np.isfinite(args.target_return),
+            f"--target-return must be a finite number, got {args.target_return}",
+        ),
+        (args.max_ep_len is None or args.max_ep_len >= 1, f"--max-ep-len must be at least 1, got {args.max_ep_len}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 # --- Networks ---------------------------------------------------------------------------------
@@ -176,8 +244,8 @@ class TrainState(NamedTuple):
     """Everything one seed trains."""
 
     params: dict
-    opt_state: optax.OptState
-    step: jax.Array  # int32, updates done (drives the warmup)
+    opt_state: optax.OptState  # clip + AdamW; its schedule counts the updates for the warmup
+    step: jax.Array  # int32, updates done (for the logged learning rate)
 
 
 class Hyper(NamedTuple):
@@ -255,16 +323,38 @@ def sample_batch(data: Segments, key, batch_size: int, context_len: int) -> Batc
     )
 
 
-# --- Loss and the update ----------------------------------------------------------------------
+# --- Loss, optimizer and the update ------------------------------------------------------------
 def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of (pred - target)^2 over non-padded steps and action dimensions."""
     se = ((pred - target) ** 2).sum(-1)
     return (se * mask).sum() / (mask.sum() * pred.shape[-1])
 
 
-def warmup_lr(step: jax.Array, hp: Hyper) -> jax.Array:
-    """The official LambdaLR: lr * min((step + 1) / warmup, 1)."""
-    return hp.learning_rate * jnp.minimum((step + 1) / hp.warmup_steps, 1.0)
+def action_loss(params, model: DecisionTransformer, batch: Batch, key) -> tuple[jax.Array, dict]:
+    """DT's only loss: the MSE of the actions predicted from each state token (dropout on)."""
+    pred = model.apply(
+        params, batch.states, batch.actions, batch.rtg, batch.timesteps, batch.mask,
+        training=True, rngs={"dropout": key},
+    )  # fmt: skip
+    loss = masked_mse(pred, batch.actions, batch.mask)
+    return loss, {"action_mse": loss}
+
+
+def warmup_schedule(hp: Hyper) -> optax.Schedule:
+    """The official LambdaLR as an optax schedule of the update count: lr * min((count + 1) / warmup, 1)."""
+    return lambda count: hp.learning_rate * jnp.minimum((count + 1) / hp.warmup_steps, 1.0)
+
+
+def make_optimizer(hp: Hyper) -> optax.GradientTransformation:
+    """torch's clip_grad_norm_ then AdamW, as the official trainer: decay on every parameter (no
+    mask: torch.optim.AdamW(model.parameters())), betas (0.9, 0.999), eps 1e-8. optax clips to
+    g * c / |g| where torch uses c / (|g| + 1e-6): a 4e-6 relative difference on clipped updates.
+    Built from `hp` inside the update, so the hyperparameters stay arrays; the state's structure
+    does not depend on them."""
+    return optax.chain(
+        optax.clip_by_global_norm(hp.grad_clip),
+        optax.adamw(warmup_schedule(hp), b1=0.9, b2=0.999, eps=1e-8, weight_decay=hp.weight_decay),
+    )
 
 
 def make_agent(args: Args, obs_dim: int, action_dim: int):
@@ -272,33 +362,20 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
     model = DecisionTransformer(
         action_dim, args.embed_dim, args.num_layers, args.num_heads, args.max_ep_len, args.dropout
     )
-    adam = optax.scale_by_adam()  # AdamW by hand below, so lr and weight decay are Hyper arrays
 
-    def init(key) -> TrainState:
+    def init(key, hp: Hyper) -> TrainState:
         K = args.context_len
         params = model.init(
             key, jnp.zeros((1, K, obs_dim)), jnp.zeros((1, K, action_dim)), jnp.zeros((1, K)),
             jnp.zeros((1, K), jnp.int32), jnp.ones((1, K), bool),
         )  # fmt: skip
-        return TrainState(params, adam.init(params), jnp.int32(0))
+        return TrainState(params, make_optimizer(hp).init(params), jnp.int32(0))
 
     def update(s: TrainState, batch: Batch, key, hp: Hyper):
-        def loss_fn(p):
-            pred = model.apply(
-                p, batch.states, batch.actions, batch.rtg, batch.timesteps, batch.mask,
-                training=True, rngs={"dropout": key},
-            )  # fmt: skip
-            return masked_mse(pred, batch.actions, batch.mask)
-
-        loss, grads = jax.value_and_grad(loss_fn)(s.params)
-        grad_norm = optax.global_norm(grads)
-        clip = jnp.minimum(1.0, hp.grad_clip / (grad_norm + 1e-6))  # torch's clip_grad_norm_
-        grads = jax.tree_util.tree_map(lambda g: g * clip, grads)
-        direction, opt_state = adam.update(grads, s.opt_state)
-        lr = warmup_lr(s.step, hp)
-        # torch AdamW: p <- p - lr * (adam_direction + weight_decay * p)
-        params = jax.tree_util.tree_map(lambda p, d: p - lr * (d + hp.weight_decay * p), s.params, direction)
-        metrics = {"action_mse": loss, "grad_norm": grad_norm, "lr": lr}
+        (_, metrics), grads = jax.value_and_grad(action_loss, has_aux=True)(s.params, model, batch, key)
+        updates, opt_state = make_optimizer(hp).update(grads, s.opt_state, s.params)
+        params = optax.apply_updates(s.params, updates)
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": warmup_schedule(hp)(s.step)}
         return TrainState(params, opt_state, s.step + 1), metrics
 
     return init, update, model
@@ -378,9 +455,19 @@ def make_policy(model, obs_mean, obs_std, rtg_scale: float, max_ep_len: int):
 
 
 # --- Training ---------------------------------------------------------------------------------
+def describe_presets(given: Args, args: Args, meta: Meta) -> str:
+    """One line: every preset-resolved value and where it came from (a resumed run's config holds
+    the values its first start resolved)."""
+    names = ("rtg_scale", "target_return", "eval_episodes", "max_ep_len")
+    source = "run config" if args.resume else "flag"
+    parts = [f"{n} {getattr(args, n):g} ({source if getattr(given, n) is not None else 'preset'})" for n in names]
+    where = f"{meta.domain}, {meta.robot}/{meta.level}, {meta.size} transitions"
+    return f"DT on {args.dataset} ({where}): " + ", ".join(parts)
+
+
 def train(args: Args) -> dict:
     data, meta = load_dataset(args.dataset)
-    args = resolve(args, meta)
+    given, args = args, resolve(args, meta)
     segments, obs_mean, obs_std = make_segments(data, args.rtg_scale, args.max_ep_len)
     init, update, model = make_agent(args, meta.obs_dim, meta.action_dim)
     hp = Hyper(*map(jnp.float32, (args.learning_rate, args.weight_decay, args.warmup_steps, args.grad_clip)))
@@ -389,18 +476,14 @@ def train(args: Args) -> dict:
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     # One jitted init per seed, stacked: seed i starts exactly as a single-seed run would.
     init_one = jax.jit(init)
-    states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k) for k in init_keys])
+    states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k, hp) for k in init_keys])
 
-    logger = RunLogger(
-        "dt", args, meta, seeds=seeds, total_steps=args.total_steps, paper_steps=PAPER_STEPS,
-        out_dir=args.out_dir, resume=args.resume, tensorboard=not args.no_log,
-    )  # fmt: skip
-    print(f"DT on {args.dataset} ({meta.domain}, {meta.size} transitions): target return "
-          f"{args.target_return:g}, rtg scale {args.rtg_scale:g}, K {args.context_len}, "
-          f"max_ep_len {args.max_ep_len}", flush=True)  # fmt: skip
+    logger = RunLogger("dt", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
+    print(describe_presets(given, args, meta), flush=True)
     step = 0
-    if args.resume:
-        states, step, keys, _ = logger.load_checkpoint(states, keys)
+    if logger.resumed:
+        ck = logger.load_checkpoint(states, keys)
+        states, step, keys = ck.state, ck.step, ck.rng
         print(f"resumed from step {step}", flush=True)
 
     policy = make_policy(model, obs_mean, obs_std, args.rtg_scale, args.max_ep_len)
@@ -419,10 +502,7 @@ def train(args: Args) -> dict:
         metrics = jax.device_get(metrics)
         bad = first_nonfinite(metrics, step, seeds)
         if bad:
-            logger.close()
-            raise FloatingPointError(
-                f"non-finite loss, training stopped at {bad}; the last finite checkpoint is in {logger.run_dir}"
-            )
+            logger.stop_nonfinite(bad)
         step += n
         logger.advance(n)
         logger.metrics(step, metrics)
@@ -438,4 +518,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    cli(Args, train, validate=validate)

@@ -1,16 +1,21 @@
-"""Decision Transformer: causality, padding, returns-to-go, segment sampling, the evaluation context
-window, one compile per run, learning on good episodes, and the command line."""
+"""Decision Transformer: causality, padding, returns-to-go, segment sampling, the presets (the maze
+return-to-go scale), the optimizer (optax's clip + AdamW against a hand computation), the
+evaluation context window, one compile per run, learning on good episodes, the command line and
+the run-directory contract (resume from the run's config, refused flags, finished runs)."""
 
 import functools
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tyro
 from flax import serialization
@@ -135,6 +140,170 @@ def test_segments_left_padded_and_within_one_episode():
     assert seen_starts == set(range(n))  # every transition can start a segment
 
 
+# --- presets: the return-to-go scale and target per dataset ------------------------------------
+def fake_meta(domain, robot, level, returns, horizon=1000):
+    return SimpleNamespace(
+        domain=domain, robot=robot, level=level, episode_returns=np.asarray(returns, float),
+        env_spec=SimpleNamespace(max_episode_steps=horizon),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "domain, robot, level, returns, expected",
+    [
+        # locomotion: the paper's scale 1000 and its target per robot, on every level
+        ("locomotion", "hopper", "medium", [900.0, 3100.0], (1000.0, 3600.0, 10, 1000)),
+        ("locomotion", "walker2d", "expert", [4500.0], (1000.0, 5000.0, 10, 1000)),
+        ("locomotion", "halfcheetah", "medium-replay", [-300.0, 4000.0], (1000.0, 6000.0, 10, 1000)),
+        ("locomotion", "ant", "medium", [250.0, 3000.0], (1000.0, 3000.0, 10, 1000)),  # no paper target
+        # mazes: scale and target = the dataset's best return, so R_0 = 1; 100 episodes
+        ("pointmaze", "pointmaze", "umaze-dense", [12.5, 43.25, 30.0], (43.25, 43.25, 100, 300)),
+        ("antmaze", "antmaze", "umaze", [0.0, 1.0, 0.0], (1.0, 1.0, 100, 700)),
+        ("antmaze", "antmaze", "large-play", [0.0, 0.0], (1.0, 0.0, 100, 1000)),  # no success: scale 1
+    ],
+)
+def test_presets_by_domain_robot_and_level(domain, robot, level, returns, expected):
+    horizon = {"pointmaze": 300, "antmaze": 700 if level == "umaze" else 1000}.get(domain, 1000)
+    meta = fake_meta(domain, robot, level, returns, horizon)
+    args = dt.resolve(dt.Args(), meta)
+    assert (args.rtg_scale, args.target_return, args.eval_episodes, args.max_ep_len) == expected
+    # An explicit flag always wins.
+    given = dt.Args(rtg_scale=7.0, target_return=3.0, eval_episodes=4, max_ep_len=50)
+    assert dt.resolve(given, meta) == given
+
+
+@pytest.fixture(scope="module")
+def small_dense_maze(make_module):
+    """local/pointmaze/umaze-dense-v0 at the maze tests' small size (2k steps, seed 0, 2 reference
+    episodes): under a second to build."""
+    import maze
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(maze, "REF_EPISODES", 2)
+        make_module.build("local/pointmaze/umaze-dense-v0", num_steps=2_000, seed=0)
+    return "local/pointmaze/umaze-dense-v0"
+
+
+def test_maze_rtg_scale_is_the_datasets_best_return(small_dense_maze):
+    """On a real maze set the data's returns-to-go lie in [0, 1] and the evaluation starts at R_0 = 1,
+    where the locomotion scale 1000 would squash them to < 0.05 (and the old scale 1 left them ~40)."""
+    from common.data import load_dataset
+
+    data, meta = load_dataset(small_dense_maze, to_device=False)
+    args = dt.resolve(dt.Args(dataset=small_dense_maze), meta)
+    best = float(meta.episode_returns.max())
+    assert meta.domain == "pointmaze" and 10.0 < best < 300.0, best  # tens: neither 1 nor 1000
+    assert args.rtg_scale == best and args.target_return == best
+    assert args.eval_episodes == 100 and args.max_ep_len == 300
+    segments, _, _ = dt.make_segments(data, args.rtg_scale, args.max_ep_len)
+    rtg = np.asarray(segments.rtg)
+    assert rtg.min() >= 0.0 and abs(rtg.max() - 1.0) < 1e-6
+    ctx = dt.initial_context(1, 2, 4, meta.obs_dim, meta.action_dim, args.target_return, args.rtg_scale)
+    np.testing.assert_allclose(ctx.rtg_now, 1.0, rtol=1e-6)
+
+
+# --- the optimizer and the loss --------------------------------------------------------------------
+def test_optimizer_matches_torch_clip_then_adamw_by_hand():
+    """Four updates of a tiny parameter with fixed gradients (two clipped, two not, inside the
+    warmup and after it) against torch's clip_grad_norm_ + AdamW written out in float64."""
+    lr, wd, warmup, clip = 1e-2, 0.1, 3, 0.25
+    hp = dt.Hyper(*map(jnp.float32, (lr, wd, warmup, clip)))
+    params = {"w": np.array([0.5, -1.0, 2.0], np.float32), "b": np.array([[0.3, -0.2]], np.float32)}
+    grads = [
+        {"w": np.array([3.0, -4.0, 0.0]), "b": np.array([[1.0, 2.0]])},  # norm ~5.5: clipped
+        {"w": np.array([0.05, 0.1, -0.02]), "b": np.array([[0.0, 0.1]])},  # norm ~0.15: not clipped
+        {"w": np.array([-1.0, 0.5, 0.5]), "b": np.array([[0.0, 0.0]])},  # clipped
+        {"w": np.array([0.01, 0.0, 0.02]), "b": np.array([[-0.03, 0.0]])},  # not clipped, after warmup
+    ]
+
+    def run(opt):
+        @jax.jit
+        def step(p, state, g):
+            updates, state = opt.update(jax.tree_util.tree_map(jnp.float32, g), state, p)
+            return optax.apply_updates(p, updates), state
+
+        p, state = params, opt.init(params)
+        for g in grads:
+            p, state = step(p, state, g)
+        return jax.device_get(p)
+
+    ours = run(dt.make_optimizer(hp))
+    # torch: clip_grad_norm_(c) scales by c / (norm + 1e-6) when that is < 1; AdamW decays
+    # p *= 1 - lr_t * wd, then p -= lr_t * m_hat / (sqrt(v_hat) + eps); lr_t = lr * min((t + 1) / warmup, 1).
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, g in enumerate(grads):
+        norm = np.sqrt(sum((x**2).sum() for x in g.values()))
+        scale = min(1.0, clip / (norm + 1e-6))
+        lr_t = lr * min((t + 1) / warmup, 1.0)
+        for k in p:
+            gk = g[k] * scale
+            m[k] = 0.9 * m[k] + 0.1 * gk
+            v[k] = 0.999 * v[k] + 0.001 * gk**2
+            m_hat, v_hat = m[k] / (1 - 0.9 ** (t + 1)), v[k] / (1 - 0.999 ** (t + 1))
+            p[k] = p[k] * (1 - lr_t * wd) - lr_t * m_hat / (np.sqrt(v_hat) + 1e-8)
+    for k in p:  # the 1e-6 of torch's clip is a ~4e-6 relative difference of the clipped steps
+        np.testing.assert_allclose(ours[k], p[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    # The test can fail: L2 inside Adam (decay before the moments) lands elsewhere.
+    coupled = optax.chain(
+        optax.clip_by_global_norm(clip), optax.add_decayed_weights(wd), optax.adam(dt.warmup_schedule(hp))
+    )
+    assert np.abs(run(coupled)["w"] - p["w"]).max() > 1e-4
+
+
+def test_weight_decay_reaches_every_parameter():
+    """No mask, as torch's AdamW over model.parameters(): with zero gradients the first update is
+    -lr/warmup * wd * p on every leaf, LayerNorm scales and biases included."""
+    _, params, _ = tiny_model()
+    hp = dt.Hyper(*map(jnp.float32, (1e-2, 0.5, 2, 0.25)))
+    opt = dt.make_optimizer(hp)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = jax.jit(opt.update)(zeros, opt.init(params), params)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    assert any("LayerNorm" in jax.tree_util.keystr(path) for path, _ in leaves)
+    for (path, p), u in zip(leaves, jax.tree_util.tree_leaves(updates)):
+        np.testing.assert_allclose(u, -0.005 * 0.5 * p, rtol=1e-5, atol=1e-9, err_msg=jax.tree_util.keystr(path))
+
+
+def test_action_loss_is_the_mse_on_real_steps_only():
+    apply, params, inputs = tiny_model()
+    model = dt.DecisionTransformer(2, 16, 2, 2, 50, 0.0)  # no dropout: training=True is deterministic
+    loss_fn = jax.jit(lambda p, b: dt.action_loss(p, model, b, jax.random.key(0)))
+    mask = np.array([[False, False, True, True, True, True], [True] * 6])
+    batch = dt.Batch(inputs["states"], inputs["actions"], inputs["rtg"], inputs["timesteps"], mask)
+    loss, metrics = loss_fn(params, batch)
+    pred = np.asarray(apply(params, **{**inputs, "mask": mask}))  # the same weights, dropout off
+    err = ((pred - inputs["actions"]) ** 2)[mask]  # (real steps, action_dim)
+    np.testing.assert_allclose(loss, err.mean(), rtol=1e-5)
+    assert metrics == {"action_mse": loss}
+    # Padded steps carry no loss: changing their targets changes nothing.
+    moved = batch._replace(actions=np.where(mask[..., None], batch.actions, 5.0).astype(np.float32))
+    np.testing.assert_allclose(loss_fn(params, moved)[0], loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(context_len=0), "--context-len must be at least 1, got 0"),
+        (dict(embed_dim=30, num_heads=4), "--embed-dim 30 must be divisible by --num-heads 4"),
+        (dict(num_layers=0), "--num-layers must be at least 1, got 0"),
+        (dict(num_heads=0), "--num-heads must be at least 1, got 0"),
+        (dict(dropout=1.0), "--dropout must be in [0, 1), got 1.0"),
+        (dict(warmup_steps=0), "--warmup-steps must be at least 1, got 0"),
+        (dict(rtg_scale=0.0), "--rtg-scale must be a positive number, got 0.0"),
+        (dict(target_return=float("nan")), "--target-return must be a finite number, got nan"),
+    ],
+)
+def test_validate_names_the_flag(flags, message):
+    from common.data import UserError
+
+    dt.validate(dt.Args())  # the defaults pass
+    with pytest.raises(UserError) as err:
+        dt.validate(dt.Args(**flags))
+    assert str(err.value) == message
+
+
 # --- a short run from the command line ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def short_run(pendulum_dataset, tmp_path_factory):
@@ -153,12 +322,19 @@ def short_run(pendulum_dataset, tmp_path_factory):
 def test_command_line_run_writes_record_and_checkpoint(short_run):
     lines = short_run.proc.stdout.splitlines()
     assert lines[0] == f"run directory: {short_run.run_dir}"
+    # The resolved presets, each with where it came from, before training starts.
+    presets = "rtg_scale 1000 (preset), target_return 100 (preset), eval_episodes 5 (flag), max_ep_len 100 (preset)"
+    assert lines[1].startswith("DT on test/pendulum/pd-v0 (locomotion, pendulum/pd,"), lines[:3]
+    assert lines[1].endswith(presets), lines[:3]
     rec = short_run.record
     assert rec["algorithm"] == "dt" and rec["tier"] == "short" and rec["seeds"] == [0]
     assert [e["step"] for e in rec["evaluations"]] == [150, 300]
+    assert rec["finished"] is True
     cfg = rec["config"]
     assert cfg["context_len"] == K and cfg["embed_dim"] == 32 and cfg["num_layers"] == 1
     assert cfg["target_return"] == 100.0 and cfg["rtg_scale"] == 1000.0  # dataset max; locomotion scale
+    assert cfg["eval_episodes"] == 5 and cfg["max_ep_len"] == 100  # config.json saves the resolved values
+    assert json.loads((short_run.run_dir / "config.json").read_text()) == cfg
     assert (short_run.run_dir / "checkpoint.msgpack").exists()
 
 
@@ -233,24 +409,78 @@ def test_context_window_holds_last_steps_of_each_env(short_run, pendulum_dataset
         assert not ctx.states[..., : K - n, :].any() and not ctx.actions[..., : K - n, :].any()
 
 
-def test_resume_continues_from_the_checkpoint(short_run, pendulum_dataset, tmp_path):
-    """A record too long for one sitting continues with --resume: same run directory, the step
-    counter and the record carry on, and the checkpoint moves to the new step."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    dest.mkdir()
     for name in ("record.json", "checkpoint.msgpack", "config.json"):
-        (run_dir / name).write_bytes((short_run.run_dir / name).read_bytes())
+        (dest / name).write_bytes((run_dir / name).read_bytes())
+    return dest
+
+
+def run_cli(*flags, timeout=600):
+    env = {**os.environ, "MINARI_DATASETS_PATH": os.environ["MINARI_DATASETS_PATH"]}
+    cmd = [sys.executable, "algorithms/dt.py", *map(str, flags)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(run_dir: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+def test_resume_alone_continues_from_the_runs_config_as_if_uninterrupted(short_run, pendulum_dataset, tmp_path):
+    """A run of 150 updates with non-default flags (dataset, sizes, schedule), then `--resume RUN_DIR`
+    with only a larger budget (and --no-log): its config.json supplies every other flag, the step
+    counter and the record carry on, and the result is the uninterrupted 300-update run's,
+    evaluations and weights."""
+    out = tmp_path / "runs"
     flags = list(SHORT)
-    flags[flags.index("--total-steps") + 1] = "450"
-    cmd = [sys.executable, "algorithms/dt.py", "--dataset", pendulum_dataset, *flags, "--no-log"]
-    proc = subprocess.run(
-        [*cmd, "--resume", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "MINARI_DATASETS_PATH": os.environ["MINARI_DATASETS_PATH"]},
-    )  # fmt: skip
+    flags[flags.index("--total-steps") + 1] = "150"
+    first = run_cli("--dataset", pendulum_dataset, *flags, "--out-dir", out, "--no-log")
+    assert first.returncode == 0, first.stderr[-4000:]
+    (run_dir,) = (out / "dt").iterdir()
+    proc = run_cli("--resume", run_dir, "--total-steps", 300, "--no-log")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resumed from step 300" in proc.stdout
+    assert "resumed from step 150" in proc.stdout
+    assert "DT on test/pendulum/pd-v0" in proc.stdout  # not the default local/hopper/medium-v0
     record = json.loads((run_dir / "record.json").read_text())
-    assert [e["step"] for e in record["evaluations"]] == [150, 300, 450]
-    assert record["evaluations"][:2] == short_run.record["evaluations"]
+    assert record["dataset"] == pendulum_dataset and record["finished"] is True
+    assert [e["step"] for e in record["evaluations"]] == [150, 300]
+    for ours, theirs in zip(record["evaluations"], short_run.record["evaluations"], strict=True):
+        assert (ours["returns"], ours["lengths"]) == (theirs["returns"], theirs["lengths"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config == {**short_run.record["config"], "out_dir": str(out), "resume": str(run_dir)}
     restored = serialization.msgpack_restore((run_dir / "checkpoint.msgpack").read_bytes())
-    assert int(restored["step"]) == 450
+    uninterrupted = serialization.msgpack_restore((short_run.run_dir / "checkpoint.msgpack").read_bytes())
+    assert int(restored["step"]) == 300
+    same = jax.tree_util.tree_map(np.array_equal, restored["state"], uninterrupted["state"])
+    assert all(jax.tree_util.tree_leaves(same))
+    np.testing.assert_array_equal(restored["rng"], uninterrupted["rng"])
+
+
+def test_resume_with_a_different_flag_is_refused_and_changes_nothing(short_run, tmp_path):
+    run_dir = copy_run(short_run.run_dir, tmp_path / "run")
+    before = snapshot(run_dir)
+    t0 = time.time()
+    proc = run_cli("--resume", run_dir, "--embed-dim", 64, "--total-steps", 450)
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "--embed-dim 64 differs from the run's 32" in err[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "DT on" not in proc.stdout  # refused before loading data
+    assert time.time() - t0 < 60
+    assert snapshot(run_dir) == before
+
+
+def test_finished_run_resumed_says_so_and_changes_nothing(short_run, tmp_path):
+    run_dir = copy_run(short_run.run_dir, tmp_path / "run")
+    before = snapshot(run_dir)
+    proc = run_cli("--resume", run_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the run is finished (300 updates)" in proc.stdout and "DT on" not in proc.stdout
+    assert snapshot(run_dir) == before
+
+
+def test_bad_dt_flag_is_one_line_and_leaves_no_folder(tmp_path):
+    out = tmp_path / "runs"
+    proc = run_cli("--embed-dim", 30, "--num-heads", 4, "--out-dir", out)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: --embed-dim 30 must be divisible by --num-heads 4"
+    assert not out.exists()
