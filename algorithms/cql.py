@@ -12,14 +12,18 @@ matches `target_action_gap`.
 Follows the importance-sampled CQL(H) of the official code (aviralkumar2907/CQL) as ported to JAX
 by young-geng/JaxCQL: tanh-Gaussian actor with a learnt log-std multiplier and offset, twin critics
 and Polyak targets, automatic entropy tuning, deterministic backup (no entropy term), every
-parameter group updated from one forward pass. Locomotion defaults are CORL's tuned values
-(alpha_cql 10, policy lr 3e-5, 3x256 networks, state normalization, rewards scaled by
-1000 / (max - min episode return)); the AntMaze preset is CORL's (Lagrange with gap 0.8, max-target
-backup, clipped gap at -200, r -> 10 r - 5, 5x256 critics). PointMaze uses the AntMaze preset (a
-sparse goal-reaching task, this repo's choice); other domains the locomotion one.
+parameter group updated at once from the same parameters (each loss below differentiates only its
+own group). The presets are CORL's tuned configs (configs/offline/cql/<robot>/<level>.yaml):
+locomotion alpha_cql 10, policy lr 3e-5, 3x256 networks, state normalization, rewards as they are
+except on hopper-medium, the one locomotion set where CORL scales them by 1000 / (max - min episode
+return) (DATASET_PRESETS); AntMaze Lagrange with gap 0.8, max-target backup, the gap clipped at
+-200, r -> 10 r - 5, 5x256 critics; PointMaze CORL's maze2d (the same robot and mazes in D4RL):
+Lagrange with gap 5, alpha_cql 10, state normalization; Adroit alpha_cql 1, policy lr 1e-4.
+Kitchen, which CORL does not tune, uses the locomotion preset.
 
     python algorithms/cql.py                                   # local/hopper/medium-v0, 1M updates
     python algorithms/cql.py --dataset local/hopper/medium-v0 --num-seeds 2 --total-steps 10000
+    python algorithms/cql.py --resume runs/cql/<run>            # continue a run from its checkpoint
 """
 
 from __future__ import annotations
@@ -34,11 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 
-from common.data import load_dataset
-from common.evaluation import evaluate
-from common.logging import RunLogger, first_nonfinite
+from common.data import UserError, load_dataset
+from common.evaluation import default_eval_episodes, evaluate
+from common.logging import RunLogger, cli, first_nonfinite
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,16 @@ class Args:
     no_log: bool = False
     """no tensorboard events (tests)"""
     resume: str | None = None
-    """a run directory to continue from its checkpoint"""
+    """a run directory to continue from its checkpoint, with its own config"""
+    debug: bool = False
+    """show the Python traceback of an error instead of one line"""
     # --- Training ---
     total_steps: int = 1_000_000
     """offline gradient updates (the paper's 1M)"""
     eval_every: int = 5_000
     """updates between evaluations"""
-    eval_episodes: int = 10
-    """evaluation episodes per seed"""
+    eval_episodes: int | None = None
+    """evaluation episodes per seed (None: 10 on locomotion, 100 on mazes)"""
     batch_size: int = 256
     """transitions per update per seed"""
     hidden_dims: tuple[int, ...] | None = None
@@ -71,7 +76,7 @@ class Args:
     """hidden sizes of the critics only (None: --hidden-dims if given, else preset: 3x256, AntMaze 5x256)"""
     # --- SAC ---
     policy_lr: float | None = None
-    """actor and entropy-temperature learning rate (None: preset 3e-5 locomotion, 1e-4 mazes)"""
+    """actor and entropy-temperature learning rate (None: preset 3e-5; AntMaze and Adroit 1e-4)"""
     qf_lr: float = 3e-4
     """critic (and Lagrange multiplier) learning rate"""
     discount: float = 0.99
@@ -88,7 +93,7 @@ class Args:
     """first updates where the actor does behaviour cloning instead of maximizing Q"""
     # --- CQL ---
     cql_alpha: float | None = None
-    """weight of the CQL gap (None: preset 10 locomotion, 5 mazes)"""
+    """weight of the CQL gap (None: preset 10 locomotion and PointMaze, 5 AntMaze, 1 Adroit)"""
     cql_n_actions: int = 10
     """actions sampled per state from each of uniform, pi(.|s) and pi(.|s')"""
     cql_importance_sample: bool = True
@@ -98,47 +103,72 @@ class Args:
     cql_lagrange: bool | None = None
     """tune the CQL weight by dual gradient descent (None: preset, on for mazes)"""
     target_action_gap: float | None = None
-    """gap the Lagrange form aims at (None: preset 0.8 mazes; unused without Lagrange)"""
+    """gap the Lagrange form aims at (None: preset 0.8 AntMaze, 5 PointMaze; unused without Lagrange)"""
     max_target_backup: bool | None = None
-    """Bellman target = max over cql_n_actions sampled a' of min Qbar (None: preset, on for mazes)"""
+    """Bellman target = max over cql_n_actions sampled a' of min Qbar (None: preset, on for AntMaze)"""
     cql_clip_diff_min: float | None = None
-    """lower clip of the per-state gap (None: preset -inf locomotion, -200 mazes)"""
+    """lower clip of the per-state gap (None: preset -inf, AntMaze -200)"""
     cql_clip_diff_max: float = float("inf")
     """upper clip of the per-state gap"""
     # --- Data ---
     normalize_states: bool | None = None
-    """standardize observations with the dataset's mean and std (None: preset, locomotion only)"""
+    """standardize observations with the dataset's mean and std (None: preset, off on AntMaze)"""
     normalize_rewards: bool | None = None
-    """scale rewards by 1000 / (max - min episode return) (None: preset, locomotion only)"""
+    """scale rewards by 1000 / (max - min episode return) (None: preset, on for hopper-medium only)"""
     reward_scale: float | None = None
-    """r -> r * scale + bias after normalization (None: preset 1 locomotion, 10 mazes)"""
+    """r -> r * scale + bias after normalization (None: preset 1, AntMaze 10)"""
     reward_bias: float | None = None
-    """(None: preset 0 locomotion, -5 mazes)"""
+    """(None: preset 0, AntMaze -5)"""
 
 
-# Presets per domain, from CORL's tuned configs (configs/offline/cql/*).
-_DENSE = dict(
+# Presets per domain, from CORL's tuned configs. CORL applies reward_scale and reward_bias only
+# where it sets normalize_reward (AntMaze: 10 r - 5); here normalize_rewards is the 1000 / (max -
+# min return) step alone and scale and bias always apply, which gives the same rewards.
+LOCOMOTION = dict(
     policy_lr=3e-5, hidden_dims=(256, 256, 256), critic_hidden_dims=(256, 256, 256), cql_alpha=10.0,
     cql_lagrange=False, target_action_gap=-1.0, max_target_backup=False, cql_clip_diff_min=-float("inf"),
-    normalize_states=True, normalize_rewards=True, reward_scale=1.0, reward_bias=0.0,
+    normalize_states=True, normalize_rewards=False, reward_scale=1.0, reward_bias=0.0,
 )  # fmt: skip
-_MAZE = dict(
+ANTMAZE = dict(
     policy_lr=1e-4, hidden_dims=(256, 256, 256), critic_hidden_dims=(256,) * 5, cql_alpha=5.0,
     cql_lagrange=True, target_action_gap=0.8, max_target_backup=True, cql_clip_diff_min=-200.0,
     normalize_states=False, normalize_rewards=False, reward_scale=10.0, reward_bias=-5.0,
 )  # fmt: skip
-PRESETS = {"locomotion": _DENSE, "antmaze": _MAZE, "pointmaze": _MAZE, "adroit": _DENSE, "kitchen": _DENSE}
+MAZE2D = {**LOCOMOTION, "cql_lagrange": True, "target_action_gap": 5.0}
+ADROIT = {**LOCOMOTION, "cql_alpha": 1.0, "policy_lr": 1e-4}
+PRESETS = {"locomotion": LOCOMOTION, "antmaze": ANTMAZE, "pointmaze": MAZE2D, "adroit": ADROIT, "kitchen": LOCOMOTION}
+# (robot, level) -> what CORL tunes for that one dataset, over its domain's preset: hopper/medium_v2.yaml
+# is the only locomotion config with normalize_reward true.
+DATASET_PRESETS = {("hopper", "medium"): dict(normalize_rewards=True)}
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 ACTION_CLIP = 0.999  # JaxCQL clips dataset actions so that log pi(a_data|s) stays finite
 PAPER_STEPS = (1_000_000, 0)
 
 
-def resolve(args: Args, domain: str) -> Args:
-    """Fill the None fields from the domain's preset; an explicit flag always wins."""
-    preset = dict(PRESETS[domain])
+def resolve(args: Args, meta) -> Args:
+    """Fill the None fields from the dataset's preset (its domain's, refined by its robot and level);
+    an explicit flag always wins."""
+    preset = {**PRESETS[meta.domain], **DATASET_PRESETS.get((meta.robot, meta.level), {})}
     if args.hidden_dims is not None:  # --hidden-dims sizes every MLP unless the critics have their own
         preset["critic_hidden_dims"] = args.hidden_dims
+    preset["eval_episodes"] = default_eval_episodes(meta.domain)
     return dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+
+
+def validate(args: Args) -> None:
+    """CQL's own flags, checked before anything loads (common's cli checks the shared ones)."""
+    checks = [
+        (args.cql_n_actions >= 1, f"--cql-n-actions must be at least 1, got {args.cql_n_actions}"),
+        (args.cql_temp > 0, f"--cql-temp must be positive, got {args.cql_temp}"),
+        (args.bc_steps >= 0, f"--bc-steps must be 0 or more, got {args.bc_steps}"),
+        (0.0 <= args.discount < 1.0, f"--discount must be in [0, 1), got {args.discount}"),
+        (0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}"),
+        (args.qf_lr > 0, f"--qf-lr must be positive, got {args.qf_lr}"),
+        (args.policy_lr is None or args.policy_lr > 0, f"--policy-lr must be positive, got {args.policy_lr}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 # --- Networks ---------------------------------------------------------------------------------
@@ -189,10 +219,9 @@ def tanh_gaussian_log_prob(mean, log_std, pre_tanh):
     return (gauss - log_det).sum(-1)
 
 
-def sample_actions(mean, log_std, key, n: int):
-    """n reparameterized samples per state: actions (..., n, A) and log-probs (..., n)."""
+def sample_actions(mean, log_std, noise):
+    """Reparameterized draws from standard-normal noise (..., n, A): actions (..., n, A), log-probs (..., n)."""
     mean, log_std = mean[..., None, :], log_std[..., None, :]
-    noise = jax.random.normal(key, mean.shape[:-2] + (n, mean.shape[-1]))
     pre_tanh = mean + jnp.exp(log_std) * noise
     return jnp.tanh(pre_tanh), tanh_gaussian_log_prob(mean, log_std, pre_tanh)
 
@@ -203,15 +232,18 @@ def q_multi(critic: Critics, params, obs, actions):
     return critic.apply(params, obs, actions)
 
 
+GROUPS = ("actor", "critic", "log_alpha", "log_alpha_prime")  # parameter groups, one loss and one Adam each
+
+
 class TrainState(NamedTuple):
-    """Everything one seed trains. `params` holds the groups actor, critic, log_alpha, log_alpha_prime."""
+    """Everything one seed trains: `params` and `opt` hold the groups of GROUPS."""
 
     params: dict
     target_critic: dict
-    opt: optax.OptState  # one Adam over all groups: Adam is elementwise, so this equals one per group
+    opt: dict  # one optax Adam state per group
     obs_mean: jax.Array  # observation statistics of the dataset, used by the policy at evaluation
     obs_std: jax.Array
-    step: jax.Array
+    step: jax.Array  # updates so far (the behaviour-cloning steps count from it)
 
 
 class Hyper(NamedTuple):
@@ -241,7 +273,18 @@ class Batch(NamedTuple):
     masks: jax.Array  # 1 - terminal: truncation still bootstraps
 
 
-# --- The CQL terms and the update -------------------------------------------------------------
+class Proposals(NamedTuple):
+    """The actions CQL's logsumexp samples at each data state s, with their log-densities; constants
+    for the critics. a_next ~ pi(.|s') is evaluated at s too, as every implementation does."""
+
+    rand: jax.Array  # (B, n, A) uniform in [-1, 1]
+    next: jax.Array  # (B, n, A) from pi(.|s')
+    logp_next: jax.Array  # (B, n)
+    cur: jax.Array  # (B, n, A) from pi(.|s)
+    logp_cur: jax.Array  # (B, n)
+
+
+# --- The CQL terms and the losses -------------------------------------------------------------
 def cql_penalty(q_data, q_rand, q_next, q_cur, logp_next, logp_cur, action_dim: int, temp, clip_min, clip_max,
                 importance_sample: bool = True):  # fmt: skip
     """The CQL(H) gap of each critic: mean over states of clip(temp * logsumexp(X / temp) - Q(s, a_data)).
@@ -265,17 +308,64 @@ def alpha_prime_of(log_alpha_prime):
     return jnp.clip(jnp.exp(log_alpha_prime), 0.0, 1e6)
 
 
-def lagrange_loss(log_alpha_prime, gap, cql_alpha, target_action_gap):
-    """Dual loss of the CQL weight: minimizing it raises alpha' while the gap exceeds the target."""
-    gap = jax.lax.stop_gradient(gap)
-    return -(alpha_prime_of(log_alpha_prime) * cql_alpha * (gap - target_action_gap)).mean()
+def critic_loss(critic_params, critic: Critics, batch: Batch, target_q, proposals: Proposals, alpha_prime,
+                hp: Hyper, importance_sample: bool):  # fmt: skip
+    """Both critics' TD error plus the CQL gap, weighted by alpha_cql, or under Lagrange (a 0/1 array,
+    so one compiled update serves both forms) by alpha' * alpha_cql on gap - target_action_gap.
+    All 1 + 3n actions per state go through the critics in one forward pass."""
+    n = proposals.rand.shape[1]
+    actions = jnp.concatenate([batch.actions[:, None], proposals.rand, proposals.next, proposals.cur], 1)
+    q = q_multi(critic, critic_params, batch.observations, actions)  # (2, B, 1 + 3n)
+    q_data, q_rand, q_next, q_cur = q[..., 0], q[..., 1 : 1 + n], q[..., 1 + n : 1 + 2 * n], q[..., 1 + 2 * n :]
+    gap, ood = cql_penalty(
+        q_data, q_rand, q_next, q_cur, proposals.logp_next, proposals.logp_cur, batch.actions.shape[-1],
+        hp.cql_temp, hp.clip_diff_min, hp.clip_diff_max, importance_sample,
+    )  # fmt: skip
+    bellman = ((q_data - target_q) ** 2).mean(-1).sum()
+    weight = jnp.where(hp.cql_lagrange > 0, alpha_prime, 1.0) * hp.cql_alpha
+    loss = bellman + (weight * (gap - hp.cql_lagrange * hp.target_action_gap)).sum()
+    return loss, {
+        "critic_loss": loss,
+        "bellman_loss": bellman,
+        "cql_gap": gap.mean(),
+        "q_data": q_data.mean(),
+        "q_ood_logsumexp": ood.mean(),
+        "target_q": target_q.mean(),
+    }
 
 
+def actor_loss(actor_params, actor: Actor, critic: Critics, critic_params, batch: Batch, noise, alpha, step,
+               hp: Hyper):  # fmt: skip
+    """SAC's policy loss alpha log pi(a~|s) - min Q(s, a~), a~ the first of the draws reparameterized
+    from `noise` (B, n, A), the CQL term's pi(.|s) draws (drawing all n keeps the numbers of one
+    joint loss bit for bit); during the first bc_steps updates log pi(a_data|s) replaces Q (CORL)."""
+    mean, log_std = actor.apply(actor_params, batch.observations)
+    a, logp = sample_actions(mean, log_std, noise)
+    q = critic.apply(critic_params, batch.observations, a[:, 0]).min(0)
+    bc = tanh_gaussian_log_prob(mean, log_std, jnp.arctanh(batch.actions))
+    loss = (alpha * logp[:, 0] - jnp.where(step < hp.bc_steps, bc, q)).mean()
+    return loss, {"actor_loss": loss, "entropy": -logp[:, 0].mean()}
+
+
+def temperature_loss(log_alpha, logp, hp: Hyper):
+    """SAC's automatic entropy tuning: lowering it raises alpha while the entropy is below the target."""
+    loss = -(log_alpha * (logp + hp.target_entropy)).mean()
+    return loss, {"alpha_loss": loss}
+
+
+def lagrange_loss(log_alpha_prime, gap, hp: Hyper):
+    """Dual loss of the CQL weight: lowering it raises alpha' while the gap exceeds the target (zero
+    without the Lagrange form)."""
+    alpha_prime = alpha_prime_of(log_alpha_prime)
+    loss = -hp.cql_lagrange * (alpha_prime * hp.cql_alpha * (gap - hp.target_action_gap)).mean()
+    return loss, {"alpha_prime_loss": loss}
+
+
+# --- The agent --------------------------------------------------------------------------------
 def make_agent(args: Args, obs_dim: int, action_dim: int):
     """init, update and act for one seed, closed over the (static) architecture and switches."""
     actor, critic = Actor(args.hidden_dims, action_dim), Critics(args.critic_hidden_dims)
     n = args.cql_n_actions
-    adam = optax.scale_by_adam()  # learning rates come from Hyper, per group
 
     def init(key, obs_mean, obs_std) -> TrainState:
         k_actor, k_critic = jax.random.split(key)
@@ -287,84 +377,54 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
             "log_alpha_prime": jnp.ones(()),  # JaxCQL's initial value
         }
         target = jax.tree_util.tree_map(jnp.copy, params["critic"])  # own buffers: the state is donated
-        return TrainState(params, target, adam.init(params), obs_mean, obs_std, jnp.zeros((), jnp.int32))
+        opt = {g: optax.adam(0.0).init(params[g]) for g in GROUPS}  # learning rates come from Hyper
+        return TrainState(params, target, opt, obs_mean, obs_std, jnp.zeros((), jnp.int32))
 
     def update(s: TrainState, batch: Batch, key, hp: Hyper):
         k_rand, k_cur, k_next = jax.random.split(key, 3)
         B = batch.rewards.shape[0]
         alpha = jnp.exp(s.params["log_alpha"]) * hp.alpha_multiplier
+        alpha_prime = hp.cql_lagrange * alpha_prime_of(s.params["log_alpha_prime"])
 
         # pi(.|s') serves the Bellman target (one sample, or all n for the max backup) and the CQL term.
         mean_n, log_std_n = actor.apply(s.params["actor"], batch.next_observations)
-        a_next, logp_next = sample_actions(mean_n, log_std_n, k_next, n)  # (B, n, A), (B, n)
+        a_next, logp_next = sample_actions(mean_n, log_std_n, jax.random.normal(k_next, (B, n, action_dim)))
         k_t = n if args.max_target_backup else 1
         q_next_t = q_multi(critic, s.target_critic, batch.next_observations, a_next[:, :k_t]).min(0)  # (B, k_t)
-        best = jnp.argmax(q_next_t, -1)  # k_t = 1: the single sample
-        target_q = jnp.take_along_axis(q_next_t, best[:, None], -1)[:, 0]
-        target_q = target_q - hp.backup_entropy * alpha * jnp.take_along_axis(logp_next, best[:, None], -1)[:, 0]
+        best = jnp.argmax(q_next_t, -1)[:, None]  # k_t = 1: the single sample
+        target_q = jnp.take_along_axis(q_next_t, best, -1)[:, 0]
+        target_q = target_q - hp.backup_entropy * alpha * jnp.take_along_axis(logp_next, best, -1)[:, 0]
         y = batch.rewards + hp.discount * batch.masks * target_q
+        # pi(.|s) for the CQL term; the actor loss reparameterizes the first of these draws.
+        noise_cur = jax.random.normal(k_cur, (B, n, action_dim))
+        mean, log_std = actor.apply(s.params["actor"], batch.observations)
+        a_cur, logp_cur = sample_actions(mean, log_std, noise_cur)
         a_rand = jax.random.uniform(k_rand, (B, n, action_dim), minval=-1.0, maxval=1.0)
+        proposals = Proposals(a_rand, a_next, logp_next, a_cur, logp_cur)
 
-        def loss_fn(params):
-            # Actor and temperature: SAC's losses on pi(.|s); its first sample is a~ of the actor loss.
-            mean, log_std = actor.apply(params["actor"], batch.observations)
-            a_cur, logp_cur = sample_actions(mean, log_std, k_cur, n)
-            q_pi = critic.apply(jax.lax.stop_gradient(params["critic"]), batch.observations, a_cur[:, 0]).min(0)
-            bc = tanh_gaussian_log_prob(mean, log_std, jnp.arctanh(batch.actions))
-            objective = jnp.where(s.step < hp.bc_steps, bc, q_pi)
-            actor_loss = (jax.lax.stop_gradient(alpha) * logp_cur[:, 0] - objective).mean()
-            alpha_loss = -(params["log_alpha"] * jax.lax.stop_gradient(logp_cur[:, 0] + hp.target_entropy)).mean()
-
-            # Critics: TD error plus the CQL gap; all 1 + 3n actions per state in one forward pass.
-            a_cur, logp_cur = jax.lax.stop_gradient((a_cur, logp_cur))
-            actions = jnp.concatenate([batch.actions[:, None], a_rand, a_next, a_cur], 1)
-            q = q_multi(critic, params["critic"], batch.observations, actions)  # (2, B, 1 + 3n)
-            q_data, q_rand, q_next, q_cur = (
-                q[..., 0],
-                q[..., 1 : 1 + n],
-                q[..., 1 + n : 1 + 2 * n],
-                q[..., 1 + 2 * n :],
-            )
-            gap, ood = cql_penalty(
-                q_data, q_rand, q_next, q_cur, logp_next, logp_cur, action_dim, hp.cql_temp, hp.clip_diff_min,
-                hp.clip_diff_max, args.cql_importance_sample,
-            )  # fmt: skip
-            bellman = ((q_data - y) ** 2).mean(-1).sum()
-            # Lagrange (a 0/1 array, so one compiled update serves both forms): weight alpha' * alpha_cql
-            # on gap - target_action_gap; else alpha_cql on the gap itself.
-            alpha_prime = hp.cql_lagrange * jax.lax.stop_gradient(alpha_prime_of(params["log_alpha_prime"]))
-            weight = jnp.where(hp.cql_lagrange > 0, alpha_prime, 1.0) * hp.cql_alpha
-            penalty = (weight * (gap - hp.cql_lagrange * hp.target_action_gap)).sum()
-            dual_loss = hp.cql_lagrange * lagrange_loss(
-                params["log_alpha_prime"], gap, hp.cql_alpha, hp.target_action_gap
-            )
-            critic_loss = bellman + penalty
-            metrics = {
-                "actor_loss": actor_loss,
-                "critic_loss": critic_loss,
-                "bellman_loss": bellman,
-                "cql_gap": gap.mean(),
-                "alpha": alpha,
-                "alpha_prime": alpha_prime,
-                "entropy": -logp_cur[:, 0].mean(),
-                "q_data": q_data.mean(),
-                "q_ood_logsumexp": ood.mean(),
-                "target_q": y.mean(),
-            }
-            # Each term reaches only its own parameter group (the others are under stop_gradient),
-            # so one gradient of the sum is the per-group gradients of JaxCQL's simultaneous update.
-            return actor_loss + alpha_loss + critic_loss + dual_loss, metrics
-
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(s.params)
-        updates, opt = adam.update(grads, s.opt)
-        lrs = {
-            "actor": jax.tree_util.tree_map(lambda _: hp.policy_lr, s.params["actor"]),
-            "critic": jax.tree_util.tree_map(lambda _: hp.qf_lr, s.params["critic"]),
-            "log_alpha": hp.policy_lr,
-            "log_alpha_prime": hp.qf_lr,
-        }
-        params = jax.tree_util.tree_map(lambda p, u, lr: p - lr * u, s.params, updates, lrs)
+        # Every group's gradient at the same (old) parameters, then one Adam step each (JaxCQL).
+        (_, critic_info), critic_grads = jax.value_and_grad(critic_loss, has_aux=True)(
+            s.params["critic"], critic, batch, y, proposals, alpha_prime, hp, args.cql_importance_sample
+        )
+        (_, actor_info), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
+            s.params["actor"], actor, critic, s.params["critic"], batch, noise_cur, alpha, s.step, hp
+        )
+        (_, alpha_info), alpha_grads = jax.value_and_grad(temperature_loss, has_aux=True)(
+            s.params["log_alpha"], logp_cur[:, 0], hp
+        )
+        (_, lagrange_info), lagrange_grads = jax.value_and_grad(lagrange_loss, has_aux=True)(
+            s.params["log_alpha_prime"], critic_info["cql_gap"], hp
+        )
+        grads = {"actor": actor_grads, "critic": critic_grads, "log_alpha": alpha_grads,
+                 "log_alpha_prime": lagrange_grads}  # fmt: skip
+        lrs = {"actor": hp.policy_lr, "critic": hp.qf_lr, "log_alpha": hp.policy_lr, "log_alpha_prime": hp.qf_lr}
+        params, opt = {}, {}
+        for g in GROUPS:
+            updates, opt[g] = optax.adam(lrs[g]).update(grads[g], s.opt[g])
+            params[g] = optax.apply_updates(s.params[g], updates)
         target = optax.incremental_update(params["critic"], s.target_critic, hp.tau)
+        metrics = {**critic_info, **actor_info, **alpha_info, **lagrange_info, "alpha": alpha,
+                   "alpha_prime": alpha_prime}  # fmt: skip
         return TrainState(params, target, opt, s.obs_mean, s.obs_std, s.step + 1), metrics
 
     def act(actor_params, obs_mean, obs_std, obs, key, deterministic: bool):
@@ -377,7 +437,7 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
 
 
 def process_rewards(rewards: np.ndarray, meta, args: Args) -> np.ndarray:
-    """CORL's reward handling: 1000 / (max - min episode return) on locomotion, then scale and bias."""
+    """CORL's reward handling: 1000 / (max - min episode return) where the preset says, then scale and bias."""
     if args.normalize_rewards:
         span = float(meta.episode_returns.max() - meta.episode_returns.min())
         rewards = rewards * (1000.0 / max(span, 1e-6))
@@ -389,20 +449,21 @@ def sample_batch(data: Batch, key, batch_size: int) -> Batch:
     return jax.tree_util.tree_map(lambda x: x[idx], data)
 
 
-def make_train_chunk(update, batch_size: int, num_updates: int):
-    """A jitted scan of `num_updates` updates, vmapped over seeds; batches drawn inside the scan."""
+def make_train_chunk(update, sampler, num_updates: int, data_axes=None):
+    """A jitted scan of `num_updates` updates, vmapped over seeds; batches drawn inside the scan by
+    `sampler(data, key)` from device-resident data (data_axes: which of it has a seed axis)."""
 
     def one_seed(state, key, data, hp):
         def body(carry, _):
             state, key = carry
             key, k_batch, k_update = jax.random.split(key, 3)
-            state, metrics = update(state, sample_batch(data, k_batch, batch_size), k_update, hp)
+            state, metrics = update(state, sampler(data, k_batch), k_update, hp)
             return (state, key), metrics
 
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, None)), donate_argnums=(0,))
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, data_axes, None)), donate_argnums=(0,))
 
 
 def make_hyper(args: Args, action_dim: int) -> Hyper:
@@ -411,9 +472,8 @@ def make_hyper(args: Args, action_dim: int) -> Hyper:
         target_action_gap=args.target_action_gap, clip_diff_min=args.cql_clip_diff_min,
         clip_diff_max=args.cql_clip_diff_max, policy_lr=args.policy_lr, qf_lr=args.qf_lr,
         discount=args.discount, tau=args.tau, alpha_multiplier=args.alpha_multiplier,
-        backup_entropy=float(args.backup_entropy),
         target_entropy=-float(action_dim) if args.target_entropy is None else args.target_entropy,
-        bc_steps=args.bc_steps,
+        backup_entropy=float(args.backup_entropy), bc_steps=args.bc_steps,
     )  # fmt: skip
     return Hyper(**{k: jnp.float32(v) for k, v in values.items()})
 
@@ -421,7 +481,7 @@ def make_hyper(args: Args, action_dim: int) -> Hyper:
 # --- Training ---------------------------------------------------------------------------------
 def train(args: Args) -> dict:
     data, meta = load_dataset(args.dataset)
-    args = resolve(args, meta.domain)
+    args = resolve(args, meta)
     observations, next_observations = np.asarray(data.observations), np.asarray(data.next_observations)
     if args.normalize_states:  # CORL: statistics of the dataset's states, eps 1e-3
         obs_mean, obs_std = observations.mean(0), observations.std(0) + 1e-3
@@ -445,19 +505,14 @@ def train(args: Args) -> dict:
     mean_std = (jnp.float32(obs_mean), jnp.float32(obs_std))
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k, *mean_std) for k in init_keys])
 
-    logger = RunLogger(
-        "cql", args, meta, seeds=seeds, total_steps=args.total_steps, online_steps=0, paper_steps=PAPER_STEPS,
-        out_dir=args.out_dir, resume=args.resume, tensorboard=not args.no_log,
-    )  # fmt: skip
-    print(f"CQL on {args.dataset} ({meta.domain}, {meta.size} transitions): cql_alpha {args.cql_alpha}, "
-          f"lagrange {args.cql_lagrange} (gap {args.target_action_gap}), "
-          f"max backup {args.max_target_backup}, "
-          f"policy lr {args.policy_lr}, actor {args.hidden_dims}, critics {args.critic_hidden_dims}, "
-          f"state norm {args.normalize_states}, reward norm {args.normalize_rewards} "
-          f"(x{args.reward_scale} {args.reward_bias:+})", flush=True)  # fmt: skip
+    logger = RunLogger("cql", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
+    resolved = [*LOCOMOTION, "eval_episodes"]
+    print(f"CQL on {args.dataset} ({meta.domain}, {meta.size} transitions), preset: "
+          + ", ".join(f"{k} {getattr(args, k)}" for k in resolved), flush=True)  # fmt: skip
     step = 0
-    if args.resume:
-        states, step, keys, _ = logger.load_checkpoint(states, keys)
+    if logger.resumed:
+        ck = logger.load_checkpoint(states, keys)
+        states, step, keys = ck.state, ck.step, ck.rng
         print(f"resumed from step {step}", flush=True)
 
     @jax.jit
@@ -470,15 +525,12 @@ def train(args: Args) -> dict:
     while step < args.total_steps:
         n = min(args.eval_every, args.total_steps - step)
         if n not in chunks:
-            chunks[n] = make_train_chunk(update, args.batch_size, n)
+            chunks[n] = make_train_chunk(update, lambda data, k: sample_batch(data, k, args.batch_size), n)
         states, keys, metrics = chunks[n](states, keys, offline, hp)
         metrics = jax.device_get(metrics)
         bad = first_nonfinite(metrics, step, seeds)
         if bad:
-            logger.close()
-            raise FloatingPointError(
-                f"non-finite loss, training stopped at {bad}; the last finite checkpoint is in {logger.run_dir}"
-            )
+            logger.stop_nonfinite(bad)
         step += n
         logger.advance(n)
         logger.metrics(step, metrics)
@@ -488,11 +540,11 @@ def train(args: Args) -> dict:
         logger.save_checkpoint(states, step, keys, "offline")
     record = logger.close()
     final = record["final"]
-    print(f"{args.total_steps} updates in {time.time() - t0:.0f} s; final normalized score "
+    print(f"{args.total_steps} updates ({time.time() - t0:.0f} s in this session); final normalized score "
           f"{final['normalized_mean']:.1f} ± {final['normalized_std']:.1f} (seeds {seeds}); "
           f"record: {logger.run_dir / 'record.json'}", flush=True)  # fmt: skip
     return record
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    cli(Args, train, validate=validate)

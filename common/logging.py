@@ -460,7 +460,7 @@ class RunLogger:
                 raise ValueError("array shapes differ")
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.run_dir / CHECKPOINT} does not fit this run's networks ({e})") from None
-        host = {k: np.asarray(v) for k, v in raw.get("host", {}).items()}
+        host = {k: np.array(v) for k, v in raw.get("host", {}).items()}  # writable copies
         return Checkpoint(state, self.resumed.step, rng, self.resumed.phase, online, host)
 
     def close(self, finished: bool = True) -> dict:
