@@ -112,3 +112,66 @@ def pendulum_dataset():
     if not (dataset_dir(PENDULUM_ID) / "data").exists():
         build_pendulum_dataset()
     return PENDULUM_ID
+
+
+MIXED_PENDULUM_ID = "test/pendulum/mixed-v0"
+
+
+def build_mixed_pendulum_dataset(dataset_id: str = MIXED_PENDULUM_ID, num_good: int = 20, num_poor: int = 150,
+                                 noise: float = 0.3, seed: int = 0):  # fmt: skip
+    """Good and poor InvertedPendulum-v5 episodes from the same start states, for tests that tell
+    an offline RL algorithm from behaviour cloning. Good: the PD controller of
+    `build_pendulum_dataset` plus noise (return 100). Poor: full force to one side (+3 plus noise,
+    clipped to the Box) until the pole falls (return about 4). The poor episodes outnumber the good
+    ones at the start states, so the average action there (what BC learns) pushes the pole over:
+    BC scores below random, filtered BC and an algorithm that weighs actions by their returns near
+    100. About 2,450 transitions; same reference scores as the pendulum set."""
+    import gymnasium as gym
+    import minari
+    import numpy as np
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make("InvertedPendulum-v5", max_episode_steps=PENDULUM_HORIZON)
+    gains = np.array([0.5, 5.0, 0.5, 0.5])
+    rng = np.random.default_rng(seed)
+    buffers = []
+    for ep in range(num_good + num_poor):
+        obs, _ = env.reset(seed=seed * 10_000 + ep)
+        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+        while True:
+            target = gains @ obs if ep < num_good else 3.0
+            a = np.clip(target + noise * rng.standard_normal(), -3, 3).astype(np.float32)[None]
+            obs, r, term, trunc, _ = env.step(a)
+            observations.append(obs), actions.append(a), rewards.append(r), terms.append(term), truncs.append(trunc)
+            if term or trunc:
+                break
+        buffers.append(EpisodeBuffer(id=ep, observations=np.asarray(observations), actions=np.asarray(actions),
+                                     rewards=np.asarray(rewards), terminations=np.asarray(terms),
+                                     truncations=np.asarray(truncs)))  # fmt: skip
+    random_returns = []
+    for ep in range(20):
+        env.reset(seed=100_000 + ep)
+        env.action_space.seed(ep)
+        ret, done = 0.0, False
+        while not done:
+            _, r, term, trunc, _ = env.step(env.action_space.sample())
+            ret, done = ret + r, term or trunc
+        random_returns.append(ret)
+    minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=env, algorithm_name="PD controller (good) and full push (poor)",
+        code_permalink="tests/conftest.py", eval_env=env.spec, author="jaxorl tests", author_email="-",
+        ref_min_score=float(np.mean(random_returns)), ref_max_score=float(PENDULUM_HORIZON),
+        description="test-only mixed-quality scripted dataset", data_format="hdf5",
+    )  # fmt: skip
+    return dataset_id
+
+
+@pytest.fixture(scope="session")
+def mixed_pendulum_dataset():
+    """Id of a small mixed-quality InvertedPendulum set (20 good, 150 poor episodes) on which BC
+    fails and offline RL need not."""
+    from common.data import dataset_dir
+
+    if not (dataset_dir(MIXED_PENDULUM_ID) / "data").exists():
+        build_mixed_pendulum_dataset()
+    return MIXED_PENDULUM_ID
