@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import jax
@@ -63,6 +64,10 @@ def random_transitions(batch_cls, extra: int = 0):
     return batch_cls(*(jnp.asarray(x, jnp.float32) for x in fields))
 
 
+# What `resolve` reads of a dataset: the presets of local/hopper/medium-v0 (full-size networks).
+HOPPER_MEDIUM = SimpleNamespace(domain="locomotion", robot="hopper", level="medium")
+
+
 def iql_setup(module, batch_size: int) -> Setup:
     args = module.Args(total_steps=1_000_000, dropout=0.0, batch_size=batch_size)
     init, update, _ = module.make_agent(args, OBS_DIM, ACTION_DIM)
@@ -77,16 +82,12 @@ def iql_setup(module, batch_size: int) -> Setup:
 
 def cql_setup(module, batch_size: int) -> Setup:
     """CQL and Cal-QL (the offline update: Cal-QL's online updates are the same update on a mixed batch)."""
-    args = module.resolve(module.Args(batch_size=batch_size), "locomotion")
+    args = module.resolve(module.Args(batch_size=batch_size), HOPPER_MEDIUM)
     init, update, _ = module.make_agent(args, OBS_DIM, ACTION_DIM)
     zeros, ones = jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM)
     calql = module.__name__ == "cal_ql"
     sample = lambda data, key: module.sample_batch(data, key, batch_size)  # noqa: E731
-    make_chunk = (
-        (lambda n: module.make_train_chunk(update, sample, n, None))
-        if calql
-        else (lambda n: module.make_train_chunk(update, batch_size, n))
-    )
+    make_chunk = lambda n: module.make_train_chunk(update, sample, n, None)  # noqa: E731
     return Setup(
         lambda key: init(key, zeros, ones), update, random_transitions(module.Batch, extra=int(calql)),
         module.make_hyper(args, ACTION_DIM), sample, make_chunk,
@@ -111,7 +112,7 @@ def dt_setup(module, batch_size: int) -> Setup:
     )
     hp = module.Hyper(*map(jnp.float32, (args.learning_rate, args.weight_decay, args.warmup_steps, args.grad_clip)))
     return Setup(
-        init, update, data, hp,
+        lambda key: init(key, hp), update, data, hp,
         lambda data, key: module.sample_batch(data, key, batch_size, args.context_len),
         lambda n: module.make_train_chunk(update, batch_size, args.context_len, n),
         f"GPT {args.num_layers} layers, {args.embed_dim} embedding, {args.num_heads} head, K {args.context_len} "

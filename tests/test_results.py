@@ -84,3 +84,20 @@ def test_bc_rows_first_and_filtered_bc_named_apart(tmp_path, monkeypatch):
     assert tables.add(run, "beta0").name == "local-hopper-medium-v0__short__beta0.json"
     rows = [line.split("|")[1].strip() for line in tables.generate().splitlines() if line.startswith("| ")]
     assert rows[1:] == ["BC", "10% BC", "cql", "iql", "iql [beta0]"]
+
+
+@pytest.mark.parametrize("algo", ["iql", "cql", "cal_ql", "dt"])
+def test_benchmark_adapters_follow_the_algorithm_files(algo):
+    """results/benchmark.py reaches into each file's make_agent, resolve and chunks: a file that
+    changes them must change the adapter too (two updates at a tiny batch)."""
+    import importlib
+
+    import jax
+
+    sys.path.insert(0, str(REPO / "algorithms"))
+    import benchmark
+
+    setup = benchmark.SETUPS[algo](importlib.import_module(algo), 4)
+    state = benchmark.init_seeds(setup.init, 1)
+    state, _, metrics = setup.make_chunk(2)(state, jax.numpy.stack([jax.random.key(0)]), setup.data, setup.hp)
+    assert all(bool(jax.numpy.isfinite(v).all()) for v in jax.tree_util.tree_leaves(metrics))
