@@ -246,7 +246,7 @@ def _ensure_available(dataset_id: str) -> None:
         print(f"[jaxorl] {dataset_id} is not built yet: building it with datasets/make.py", flush=True)
         try:
             load_make_module().build(dataset_id)
-        except OSError as e:  # an unwritable MINARI_DATASETS_PATH (or a file in its way)
+        except (PermissionError, NotADirectoryError, IsADirectoryError) as e:  # an unwritable MINARI_DATASETS_PATH
             raise UserError(
                 f"cannot build {dataset_id} into {datasets_root()}: {e.strerror or e} ({e.filename}); "
                 "set MINARI_DATASETS_PATH to a folder you can write to"

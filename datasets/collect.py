@@ -2,14 +2,47 @@
 
 A chunk is a fixed list of episode indices run side by side with one batched numpy policy call per
 step. Episode i of stream k resets with a seed derived from (seed, k, i) and draws its action noise
-from its own generator, so the episodes do not depend on how chunks are spread over workers.
+from its own generator, so the episodes do not depend on how chunks are spread over workers. The
+policy call is `policy.act`, whose fixed-order arithmetic gives the same actions on every CPU (see
+`policy.py`), so the episodes do not depend on the machine's BLAS or SIMD either.
+
+Workers are started by `make.py` with `worker_init`, which makes a worker exit on its own once the
+process that started it is gone (killed with SIGKILL, say), so no collection keeps running for a
+build that no longer exists.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import gymnasium as gym
 import numpy as np
-from policy import act, silence_mujoco
+from policy import act, prepare, silence_mujoco
+
+ORPHAN_POLL_S = 0.5
+
+
+POLICIES: dict[str, dict] = {}  # name -> prepared actor parameters, set by worker_init
+
+
+def worker_init(parent_pid: int, policies: dict[str, dict] | None = None) -> None:
+    """Pool initializer: keep the level's policies (tasks name them), ignore SIGINT (a Ctrl-C
+    reaches the whole process group; the build process handles it and terminates its workers) and
+    exit as soon as `parent_pid` is no longer this worker's parent."""
+    POLICIES.update({name: prepare(params) for name, params in (policies or {}).items()})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(ORPHAN_POLL_S)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
 
 
 def episode_seeds(seed: int, stream: int, index: int) -> tuple[int, np.random.Generator]:
@@ -19,8 +52,10 @@ def episode_seeds(seed: int, stream: int, index: int) -> tuple[int, np.random.Ge
 
 
 def run_chunk(task: tuple) -> list[dict]:
-    """task = (env_id, params, seed, stream, indices, stochastic) -> one dict per episode, in order."""
-    env_id, params, seed, stream, indices, stochastic = task
+    """task = (env_id, policy, seed, stream, indices, stochastic) -> one dict per episode, in order.
+    `policy` is the name of a policy given to `worker_init`, or the actor parameters themselves."""
+    env_id, policy, seed, stream, indices, stochastic = task
+    params = POLICIES[policy] if isinstance(policy, str) else prepare(policy)
     silence_mujoco()
     n = len(indices)
     envs = [gym.make(env_id) for _ in range(n)]

@@ -16,19 +16,40 @@ A dataset is whole episodes: collection takes episodes in index order until the 
 of transitions is reached (the last one is finished). It is written under a hidden staging folder
 of `$MINARI_DATASETS_PATH` and moved into place only when complete, so an interrupted build
 leaves nothing that Minari lists or loads.
+
+Builds are safe to run side by side and to kill:
+- One build per dataset id at a time: a lock file (`.lock-<id>` in `$MINARI_DATASETS_PATH`, held
+  with `flock` and removed at the end) makes a second build of the same id wait; it then finds the
+  dataset built and skips it (or, with --force, rebuilds it after the first). Publishing never
+  fails on a dataset that appeared meanwhile: without --force the later build keeps the existing
+  one and discards its own staging folder.
+- SIGTERM and SIGINT during a build raise in the main process (SystemExit(143) / KeyboardInterrupt),
+  so the collection workers are terminated and the staging folder removed before it exits (exit
+  status 143 / 130); a second signal kills it at once. The workers ignore SIGINT (a Ctrl-C reaches
+  the whole process group) and exit on their own if the build process disappears (SIGKILL).
+- Staging (`.staging-<host>-<pid>-<ns>`) and trash (`.trash-...`) folders left by a build that was
+  killed outright are removed by the next build on the same host once their pid is no longer alive.
+- The same id, seed and size give the same bytes on every machine as far as our code goes: the
+  policy's forward pass uses fixed-order arithmetic (see policy.py); MuJoCo's use of the C math
+  library is the dependence that remains.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +91,7 @@ def parse_id(dataset_id: str) -> tuple[str, str, str]:
     m = re.fullmatch(r"local/pointmaze/([a-z]+)-([a-z]+)-v0", dataset_id)
     if m and m.group(1) in MAZES and m.group(2) in MAZE_VARIANTS:
         return "pointmaze", m.group(1), m.group(2)
-    raise ValueError(f"unknown local dataset id {dataset_id!r}; valid ids:\n  " + "\n  ".join(all_ids()))
+    raise ValueError(f"unknown local dataset id {dataset_id!r}; valid ids: " + ", ".join(all_ids()))
 
 
 def datasets_root() -> Path:
@@ -94,15 +115,18 @@ def code_version() -> str:
 # --- collection -------------------------------------------------------------------------------
 
 
-def collect(pool, env_id: str, params: dict, num_steps: int, seed: int, stream: int, pbar=None) -> list[dict]:
-    """Episodes of one policy, in index order, until they hold at least `num_steps` transitions."""
+def collect(pool, env_id: str, policy: str, num_steps: int, seed: int, stream: int, pbar=None) -> list[dict]:
+    """Episodes of one policy, in index order, until they hold at least `num_steps` transitions.
+    `policy` names one of the policies the pool's workers were given (see `level_policies`): a task
+    is a few hundred bytes, never the weights, so the pool's task pipe never fills and a terminate
+    cannot hang on it."""
     from collect import run_chunk
 
     episodes, total, next_chunk, pending = [], 0, 0, []
     while total < num_steps:
         while len(pending) < 2 * NUM_WORKERS:
             idx = list(range(next_chunk * CHUNK_EPISODES, (next_chunk + 1) * CHUNK_EPISODES))
-            pending.append(pool.apply_async(run_chunk, ((env_id, params, seed, stream, idx, True),)))
+            pending.append(pool.apply_async(run_chunk, ((env_id, policy, seed, stream, idx, True),)))
             next_chunk += 1
         for ep in pending.pop(0).get():
             if total >= num_steps:
@@ -111,9 +135,18 @@ def collect(pool, env_id: str, params: dict, num_steps: int, seed: int, stream: 
             total += len(ep["rewards"])
             if pbar is not None:
                 pbar.update(len(ep["rewards"]))
-    for job in pending:
-        job.wait()  # let the pool drain before the next policy's chunks
+    # Chunks still pending are not waited for: their episodes are not needed. The next policy's
+    # chunks queue behind them, and the pool is terminated when the last policy is done.
     return episodes
+
+
+def level_policies(robot: str, level: str) -> dict[str, Path]:
+    """The shipped policy files a level collects with, by the name tasks use for them."""
+    if level == "medium-expert":
+        return {**level_policies(robot, "medium"), **level_policies(robot, "expert")}
+    if level == "medium-replay":
+        return {f"replay-{k}": path for k, path in enumerate(replay_paths(robot))}
+    return {level: policy_path(robot, level)}
 
 
 def collect_level(pool, robot: str, level: str, num_steps: int, seed: int, pbar=None) -> list[dict]:
@@ -126,11 +159,10 @@ def collect_level(pool, robot: str, level: str, num_steps: int, seed: int, pbar=
         paths = replay_paths(robot)
         per = int(np.ceil(num_steps / len(paths)))
         episodes = []
-        for k, path in enumerate(paths):
-            episodes += collect(pool, env_id, load_params(path), per, seed, 100 + k, pbar)
+        for k in range(len(paths)):
+            episodes += collect(pool, env_id, f"replay-{k}", per, seed, 100 + k, pbar)
         return episodes
-    params = load_params(policy_path(robot, level))
-    return collect(pool, env_id, params, num_steps, seed, LEVEL_STREAM[level], pbar)
+    return collect(pool, env_id, level, num_steps, seed, LEVEL_STREAM[level], pbar)
 
 
 def default_steps(robot: str, level: str) -> int:
@@ -143,14 +175,17 @@ def default_steps(robot: str, level: str) -> int:
 
 def write_locomotion(dataset_id: str, robot: str, level: str, num_steps: int, seed: int) -> None:
     import minari
+    from collect import worker_init
     from minari.data_collector import EpisodeBuffer
     from tqdm.auto import tqdm
 
     silence_mujoco()
     t0 = time.time()
     ctx = mp.get_context("spawn")  # never fork a process that may hold JAX's threads
+    # Every policy of the level goes to each worker once, at its start (spawn's start-up pipe).
+    policies = {name: load_params(path) for name, path in level_policies(robot, level).items()}
     with (
-        ctx.Pool(NUM_WORKERS) as pool,
+        ctx.Pool(NUM_WORKERS, initializer=worker_init, initargs=(os.getpid(), policies)) as pool,
         tqdm(total=num_steps, desc=f"collecting {dataset_id}", unit="step", mininterval=2.0) as pbar,
     ):
         episodes = collect_level(pool, robot, level, num_steps, seed, pbar)
@@ -192,47 +227,199 @@ def write_locomotion(dataset_id: str, robot: str, level: str, num_steps: int, se
     )
 
 
-# --- atomic build -----------------------------------------------------------------------------
+# --- atomic, concurrent and interruptible builds --------------------------------------------------
+
+STAGING_RE = re.compile(r"\.(?:staging|trash)-(?:(?P<host>.+)-)?(?P<pid>\d+)-(?P<ns>\d+)")
 
 
-def atomic_build(dataset_id: str, force: bool, write: Callable[[], None]) -> Path:
-    """Run `write()` (which creates `dataset_id` through Minari) against a hidden staging root,
-    then move the finished dataset into `$MINARI_DATASETS_PATH`."""
-    root = datasets_root()
-    final = root / dataset_id
-    if is_built(dataset_id) and not force:
-        print(f"{dataset_id} is already built at {final} (use --force to rebuild)", flush=True)
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".staging-{os.getpid()}-{time.time_ns()}"  # hidden: Minari never lists it
-    previous = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(staging)
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _temp_name(kind: str) -> str:
+    """`.staging-<host>-<pid>-<ns>` or `.trash-...`: hidden (Minari never lists it) and traceable."""
+    return f".{kind}-{_host()}-{os.getpid()}-{time.time_ns()}"
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        write()
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    try:  # a zombie is dead for our purposes (its parent has not reaped it yet)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale(root: Path) -> list[Path]:
+    """Remove staging and trash folders of builds on this host whose process is gone."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for path in root.iterdir():
+        m = STAGING_RE.fullmatch(path.name)
+        if not m or (m.group("host") not in (None, _host())):
+            continue  # not ours to judge: another host's build may still be running
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        print(f"removed {path.name}, left by a build (pid {pid}) that no longer runs", flush=True)
+    return removed
+
+
+@contextlib.contextmanager
+def build_lock(root: Path, dataset_id: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on `<root>/.lock-<id>` for one build of `dataset_id`; removed when
+    done. A process that finds it held waits (and says so). After locking, the file is checked to
+    still be the one at the path, since a holder deletes it on its way out."""
+    import fcntl
+
+    path = root / f".lock-{dataset_id.replace('/', '--')}"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                print(f"another build of {dataset_id} (pid {holder}) is running: waiting for it", flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and (current.st_dev, current.st_ino) == (st.st_dev, st.st_ino):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the previous holder removed this file: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
     finally:
-        if previous is None:
-            os.environ.pop("MINARI_DATASETS_PATH", None)
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = previous
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # still holding the lock, so no one has locked this file meanwhile
+        os.close(fd)
+
+
+class BuildInterrupted(SystemExit):
+    """SIGTERM during a build (exit status 128 + 15)."""
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """For the build's duration, SIGTERM raises BuildInterrupted and SIGINT KeyboardInterrupt in
+    the main thread, so the pool's workers are terminated and the staging folder removed on the way
+    out. A second signal takes the default action (the process dies at once; the next build removes
+    what it left). Previous handlers come back afterwards. Outside the main thread: nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if fired:  # asked twice: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        fired.append(signum)
+        if signum == signal.SIGTERM:
+            raise BuildInterrupted(128 + signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Block SIGTERM and SIGINT (delivered right after) while the finished dataset is moved in."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _publish(root: Path, staging: Path, dataset_id: str, force: bool) -> Path:
+    """Move `staging/<id>` to `root/<id>`. If a finished dataset is there: without `force` keep it
+    (another build finished first) and drop ours; with `force` replace it."""
+    final = root / dataset_id
     # Namespace metadata Minari wrote in staging (local/, local/<robot>/) goes along if missing.
     for ns_file in staging.rglob("namespace_metadata.json"):
         target = root / ns_file.relative_to(staging)
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ns_file, target)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            shutil.copy(ns_file, tmp)
+            os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
     final.parent.mkdir(parents=True, exist_ok=True)
+    if is_built(dataset_id) and not force:
+        print(f"{dataset_id} was built meanwhile by another process: keeping that one", flush=True)
+        return final
     trash = None
-    if final.exists():
-        trash = root / f".trash-{os.getpid()}-{time.time_ns()}"
+    if final.exists():  # a forced rebuild, or a half-made folder: move it out of the way first
+        trash = root / _temp_name("trash")
         os.replace(final, trash)
-    os.replace(staging / dataset_id, final)
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        os.replace(staging / dataset_id, final)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not is_built(dataset_id):
+            raise
+        print(f"{dataset_id} was built meanwhile by another process: keeping that one", flush=True)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def atomic_build(dataset_id: str, force: bool, write: Callable[[], None]) -> Path:
+    """Run `write()` (which creates `dataset_id` through Minari) against a hidden staging root,
+    then move the finished dataset into `$MINARI_DATASETS_PATH`; one build per id at a time (a lock),
+    stale staging folders of killed builds removed first, SIGTERM/SIGINT turned into a cleanup."""
+    root = datasets_root()
+    final = root / dataset_id
+    if is_built(dataset_id) and not force:
+        print(f"{dataset_id} is already built at {final} (use --force to rebuild)", flush=True)
+        return final
+    root.mkdir(parents=True, exist_ok=True)  # an unwritable root fails here, before any work
+    with interruptible():
+        remove_stale(root)
+        with build_lock(root, dataset_id):
+            if is_built(dataset_id) and not force:  # another build finished while we waited
+                print(f"{dataset_id} is already built at {final} (use --force to rebuild)", flush=True)
+                return final
+            staging = root / _temp_name("staging")
+            previous = os.environ.get("MINARI_DATASETS_PATH")
+            try:
+                staging.mkdir()
+                os.environ["MINARI_DATASETS_PATH"] = str(staging)
+                try:
+                    write()
+                finally:
+                    if previous is None:
+                        os.environ.pop("MINARI_DATASETS_PATH", None)
+                    else:
+                        os.environ["MINARI_DATASETS_PATH"] = previous
+                with signals_deferred():
+                    return _publish(root, staging, dataset_id, force)
+            finally:
+                with signals_deferred():
+                    shutil.rmtree(staging, ignore_errors=True)
 
 
 def build(dataset_id: str, *, num_steps: int | None = None, seed: int = 0, force: bool = False) -> Path:
@@ -241,14 +428,21 @@ def build(dataset_id: str, *, num_steps: int | None = None, seed: int = 0, force
     if num_steps is not None and num_steps <= 0:
         raise ValueError(f"--num-steps must be positive, got {num_steps}")
     t0 = time.time()
+    # Everything that can be checked without collecting is checked before the lock and staging.
     if kind == "locomotion":
         steps = num_steps or default_steps(a, b)
-        if b in ("random", "medium", "expert", "medium-expert"):
-            policy_path(a, "medium" if b == "medium-expert" else b)  # fail before staging if not shipped
+        if b == "medium-replay":
+            replay_paths(a)  # a clear error if not shipped
+        else:
+            policy_path(a, "medium" if b == "medium-expert" else b)
+            if b == "medium-expert":
+                policy_path(a, "expert")
         path = atomic_build(dataset_id, force, lambda: write_locomotion(dataset_id, a, b, steps, seed))
     else:
         import maze
 
+        maze.check_num_steps(a, num_steps)
+        maze.require_robotics()
         path = atomic_build(dataset_id, force, lambda: maze.write_maze(dataset_id, a, b, num_steps, seed))
     print(f"{dataset_id}: ready at {path} ({time.time() - t0:.1f} s)", flush=True)
     return path
@@ -285,6 +479,17 @@ def main(argv=None) -> int:
         except (FileNotFoundError, ValueError, ImportError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except OSError as e:  # an unwritable MINARI_DATASETS_PATH, or a file in its way
+            where = e.filename or datasets_root()
+            print(
+                f"error: cannot build {dataset_id} into {datasets_root()}: {e.strerror or e} ({where}); "
+                "set MINARI_DATASETS_PATH to a folder you can write to",
+                file=sys.stderr,
+            )
+            return 1
+        except KeyboardInterrupt:
+            print(f"interrupted: {dataset_id} was not built (nothing of it was left behind)", file=sys.stderr)
+            return 130
     return 0
 
 

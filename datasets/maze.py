@@ -28,6 +28,22 @@ controller. The metadata also holds `expert_success_rate` and `dataset_success_r
 The planner (`shortest_path`, `WaypointPlanner`) and the collection loop (`collect_continuing`)
 take a maze map and positions, not the point robot, so a later AntMaze can reuse them with its own
 low-level `act` function.
+
+Same bytes on every machine: the controller is elementwise float64 arithmetic and clipping, the
+planner integer BFS, the noise and jitter numpy's PCG64, so none of it depends on the CPU. Two
+places did, and are replaced here: distances to the goal were `np.linalg.norm` of a 2-vector, which
+is a BLAS dot product whose last bit depends on OpenBLAS's per-CPU kernel (FMA or not; measured: 8%
+of random 2-vectors differ between the SkylakeX and Haswell kernels), and the dense reward is
+`np.exp`, which numpy computes with its own AVX512 code on AVX512 machines and with the C library
+elsewhere (measured: different bits). `goal_distance` is sqrt(dx*dx + dy*dy) (IEEE-exact steps)
+and `goal_reward` uses `policy.fixed_exp`; the stored rewards and the reference scores use them
+instead of the env's reward (the same formula: sparse rewards are bit-identical to the env's, dense
+ones within an ulp or two). What remains: gymnasium-robotics' own goal check
+(`norm(achieved - goal) <= 0.45`, a BLAS dot) decides when the env redraws its goal, so a machine
+could disagree only if a distance fell within one ulp of 0.45; and MuJoCo's use of the C math
+library (see policy.py). Measured on one machine: a 50,000-step umaze-dense build gives the same
+float64 rewards and observations with numpy at its SSE4.2 baseline plus OpenBLAS's Prescott kernel,
+and with glibc's non-FMA math functions, as with the defaults.
 """
 
 from __future__ import annotations
@@ -41,7 +57,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
+import gymnasium as gym
 import numpy as np
+from policy import fixed_exp
 
 MAZES = ("open", "umaze", "medium", "large")
 VARIANTS = ("sparse", "dense")
@@ -233,6 +251,41 @@ def point_action(observation: np.ndarray, waypoint: np.ndarray, noise: np.ndarra
     return a
 
 
+# --- goal distance and reward, in fixed-order arithmetic ------------------------------------------
+
+
+def goal_distance(achieved_goal: np.ndarray, desired_goal: np.ndarray) -> np.ndarray:
+    """|achieved - desired| over the last axis (2-D positions) as sqrt(dx*dx + dy*dy): each step is
+    one IEEE-rounded operation, so the bits do not depend on the CPU (`np.linalg.norm` of a vector
+    is a BLAS dot whose rounding does). Equal to `np.linalg.norm(..., axis=-1)` bit for bit."""
+    d = np.asarray(achieved_goal, np.float64) - np.asarray(desired_goal, np.float64)
+    return np.sqrt(d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1])
+
+
+def goal_reward(achieved_goal: np.ndarray, desired_goal: np.ndarray, reward_type: str) -> np.ndarray:
+    """The maze env's reward (MazeEnv.compute_reward): sparse 1[distance <= 0.45], dense
+    exp(-distance) with `policy.fixed_exp` (numpy's `np.exp` differs between AVX512 and other CPUs)."""
+    distance = goal_distance(achieved_goal, desired_goal)
+    if reward_type == "dense":
+        return fixed_exp(-distance)
+    if reward_type == "sparse":
+        return (distance <= GOAL_RADIUS).astype(np.float64)
+    raise ValueError(f"unknown maze reward type {reward_type!r}")
+
+
+class FixedReward(gym.Wrapper):
+    """A maze env whose `step` returns `goal_reward` of its observation (for the reference scores)."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.reward_type = env.unwrapped.reward_type
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = self.env.step(action)
+        reward = float(goal_reward(obs["achieved_goal"], obs["desired_goal"], self.reward_type))
+        return obs, reward, terminated, truncated, info
+
+
 # --- collection (any MazeEnv: PointMaze or AntMaze) ---------------------------------------------
 
 
@@ -241,7 +294,7 @@ def redraw_goal(maze_env, achieved_goal: np.ndarray) -> None:
     from its goal cells with its position noise and its RNG, until farther than the goal radius."""
     while True:
         maze_env.goal = maze_env.add_xy_position_noise(maze_env.generate_target_goal())
-        if np.linalg.norm(achieved_goal - maze_env.goal) > GOAL_RADIUS:
+        if goal_distance(achieved_goal, maze_env.goal) > GOAL_RADIUS:
             break
     maze_env.update_target_site_pos()
 
@@ -271,6 +324,7 @@ def collect_continuing(
     was reached for every episode, and the collection time.
     """
     u = env.unwrapped
+    reward_type = u.reward_type
     obs, _ = u.reset(seed=seed)
     noise_rng = np.random.default_rng([seed, 1])
     action_dim = u.action_space.shape[0]
@@ -292,8 +346,9 @@ def collect_continuing(
             if progress is not None and t:
                 progress(block)  # steps t - block .. t - 1
         a = act(obs["observation"], planner.waypoint(obs["achieved_goal"]), noise[t % block]).astype(np.float32)
-        obs, r, _, _, _ = u.step(a)
-        actions[t], rewards[t] = a, r
+        obs, _, _, _, _ = u.step(a)
+        # The env's reward for this step, recomputed in fixed-order arithmetic (see goal_reward).
+        actions[t], rewards[t] = a, goal_reward(obs["achieved_goal"], goal, reward_type)
         observations[t + 1], achieved[t + 1] = obs["observation"], obs["achieved_goal"]
         hit = not np.array_equal(u.goal, goal)  # the env redrew its goal: this one was reached
         if hit or t + 1 - seg_start >= horizon:
@@ -425,12 +480,12 @@ def reference_scores(maze: str, variant: str, num_episodes: int | None = None) -
 
     env = make_eval_env(maze, variant)
     try:
-        ref_min = get_average_reference_score(env, RandomPolicy(env), num_episodes)
+        ref_min = get_average_reference_score(FixedReward(env), RandomPolicy(env), num_episodes)
     finally:
         env.close()
     env = make_eval_env(maze, variant)
     try:
-        returns, successes = expert_returns(env, ExpertPolicy(eval_maze_map(maze)), num_episodes)
+        returns, successes = expert_returns(FixedReward(env), ExpertPolicy(eval_maze_map(maze)), num_episodes)
     finally:
         env.close()
     return {
