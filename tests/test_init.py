@@ -10,6 +10,7 @@ a single matrix.
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -40,13 +41,16 @@ def qr_operand_shapes(fn, *args) -> list[tuple[int, ...]]:
     return [eqn.invars[0].aval.shape for eqn in equations(jaxpr) if eqn.primitive.name == "qr"]
 
 
+HOPPER_MEDIUM = SimpleNamespace(domain="locomotion", robot="hopper", level="medium")  # what resolve reads
+
+
 def init_of(name: str):
     if name == "iql":
-        args = iql.resolve(iql.Args(hidden_dims=(32, 32)), "locomotion")
+        args = iql.resolve(iql.Args(hidden_dims=(32, 32)), HOPPER_MEDIUM)
         init = iql.make_agent(args, OBS_DIM, ACTION_DIM)[0]
         return init, (jax.random.key(0),)
     module = {"cql": cql, "cal_ql": cal_ql}[name]
-    args = module.resolve(module.Args(hidden_dims=(32, 32)), "locomotion")
+    args = module.resolve(module.Args(hidden_dims=(32, 32)), HOPPER_MEDIUM)
     init = module.make_agent(args, OBS_DIM, ACTION_DIM)[0]
     return init, (jax.random.key(0), jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM))
 
