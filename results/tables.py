@@ -171,7 +171,9 @@ def generate() -> str:
         "best = the evaluation with the highest mean over seeds; both mean ± std over seeds. Tiers never mix: "
         "`short` is any budget below the paper's (stated in the budget column). Eval episodes/s: the last "
         "evaluation's episodes (all seeds) over its wall time, environments included; commit: the code the "
-        "run executed, `(dirty)` if common/, datasets/ or the algorithm file had uncommitted changes when it started.",
+        "run executed, `(dirty)` if common/, datasets/ or the algorithm file had uncommitted changes when it started; "
+        "data: the first 8 hex digits of the dataset's fingerprint (rows with the same value trained on the same "
+        "bytes; datasets/README.md lists the current builds'); preset: the resolved values the presets set.",
         "",
     ]
     for tier in ("paper", "short"):
