@@ -60,26 +60,26 @@ PENDULUM_ID = "test/pendulum/pd-v0"
 PENDULUM_HORIZON = 100
 
 
-def build_pendulum_dataset(dataset_id: str = PENDULUM_ID, num_episodes: int = 60, noise: float = 0.3, seed: int = 0):
-    """A scripted-controller set on InvertedPendulum-v5 (100-step episodes) for tests that need good
-    episodes regardless of which behaviour policies are shipped: a PD controller plus Gaussian
-    noise, actions in the env's Box [-3, 3] (algorithms see them mapped to [-1, 1]).
-    ref_min = a uniformly random policy (about 5), ref_max = 100."""
+def write_pendulum_set(
+    dataset_id: str, controller, num_episodes: int, seed: int, algorithm_name: str, description: str
+):
+    """Scripted InvertedPendulum-v5 episodes (100 steps at most): action = clip(target + std * noise,
+    -3, 3) (the env's Box) with `(target, std) = controller(episode, obs)`. ref_min = a uniformly
+    random policy (about 5), ref_max = 100."""
     import gymnasium as gym
     import minari
     import numpy as np
     from minari.data_collector import EpisodeBuffer
 
     env = gym.make("InvertedPendulum-v5", max_episode_steps=PENDULUM_HORIZON)
-    gains = np.array([0.5, 5.0, 0.5, 0.5])
     rng = np.random.default_rng(seed)
     buffers = []
     for ep in range(num_episodes):
         obs, _ = env.reset(seed=seed * 10_000 + ep)
         observations, actions, rewards, terms, truncs = [obs], [], [], [], []
         while True:
-            std = noise if ep % 3 else 5 * noise
-            a = np.clip(gains @ obs + std * rng.standard_normal(), -3, 3).astype(np.float32)[None]  # the env's Box
+            target, std = controller(ep, obs)
+            a = np.clip(target + std * rng.standard_normal(), -3, 3).astype(np.float32)[None]
             obs, r, term, trunc, _ = env.step(a)
             observations.append(obs), actions.append(a), rewards.append(r), terms.append(term), truncs.append(trunc)
             if term or trunc:
@@ -97,11 +97,25 @@ def build_pendulum_dataset(dataset_id: str = PENDULUM_ID, num_episodes: int = 60
             ret, done = ret + r, term or trunc
         random_returns.append(ret)
     minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=env, algorithm_name="PD controller + noise", code_permalink="tests/conftest.py",
+        dataset_id, buffers, env=env, algorithm_name=algorithm_name, code_permalink="tests/conftest.py",
         eval_env=env.spec, author="jaxorl tests", author_email="-", ref_min_score=float(np.mean(random_returns)),
-        ref_max_score=float(PENDULUM_HORIZON), description="test-only scripted dataset", data_format="hdf5",
+        ref_max_score=float(PENDULUM_HORIZON), description=description, data_format="hdf5",
     )  # fmt: skip
     return dataset_id
+
+
+PD_GAINS = (0.5, 5.0, 0.5, 0.5)
+
+
+def build_pendulum_dataset(dataset_id: str = PENDULUM_ID, num_episodes: int = 60, noise: float = 0.3, seed: int = 0):
+    """A scripted-controller set for tests that need good episodes regardless of which behaviour
+    policies are shipped: a PD controller plus Gaussian noise (5x on every third episode)."""
+    import numpy as np
+
+    gains = np.array(PD_GAINS)
+    controller = lambda ep, obs: (gains @ obs, noise if ep % 3 else 5 * noise)  # noqa: E731
+    return write_pendulum_set(dataset_id, controller, num_episodes, seed, "PD controller + noise",
+                              "test-only scripted dataset")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -126,44 +140,13 @@ def build_mixed_pendulum_dataset(dataset_id: str = MIXED_PENDULUM_ID, num_good: 
     ones at the start states, so the average action there (what BC learns) pushes the pole over:
     BC scores below random, filtered BC and an algorithm that weighs actions by their returns near
     100. About 2,450 transitions; same reference scores as the pendulum set."""
-    import gymnasium as gym
-    import minari
     import numpy as np
-    from minari.data_collector import EpisodeBuffer
 
-    env = gym.make("InvertedPendulum-v5", max_episode_steps=PENDULUM_HORIZON)
-    gains = np.array([0.5, 5.0, 0.5, 0.5])
-    rng = np.random.default_rng(seed)
-    buffers = []
-    for ep in range(num_good + num_poor):
-        obs, _ = env.reset(seed=seed * 10_000 + ep)
-        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
-        while True:
-            target = gains @ obs if ep < num_good else 3.0
-            a = np.clip(target + noise * rng.standard_normal(), -3, 3).astype(np.float32)[None]
-            obs, r, term, trunc, _ = env.step(a)
-            observations.append(obs), actions.append(a), rewards.append(r), terms.append(term), truncs.append(trunc)
-            if term or trunc:
-                break
-        buffers.append(EpisodeBuffer(id=ep, observations=np.asarray(observations), actions=np.asarray(actions),
-                                     rewards=np.asarray(rewards), terminations=np.asarray(terms),
-                                     truncations=np.asarray(truncs)))  # fmt: skip
-    random_returns = []
-    for ep in range(20):
-        env.reset(seed=100_000 + ep)
-        env.action_space.seed(ep)
-        ret, done = 0.0, False
-        while not done:
-            _, r, term, trunc, _ = env.step(env.action_space.sample())
-            ret, done = ret + r, term or trunc
-        random_returns.append(ret)
-    minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=env, algorithm_name="PD controller (good) and full push (poor)",
-        code_permalink="tests/conftest.py", eval_env=env.spec, author="jaxorl tests", author_email="-",
-        ref_min_score=float(np.mean(random_returns)), ref_max_score=float(PENDULUM_HORIZON),
-        description="test-only mixed-quality scripted dataset", data_format="hdf5",
-    )  # fmt: skip
-    return dataset_id
+    gains = np.array(PD_GAINS)
+    controller = lambda ep, obs: (gains @ obs if ep < num_good else 3.0, noise)  # noqa: E731
+    return write_pendulum_set(dataset_id, controller, num_good + num_poor, seed,
+                              "PD controller (good) and full push (poor)",
+                              "test-only mixed-quality scripted dataset")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
