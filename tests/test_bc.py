@@ -2,8 +2,6 @@
 the command line and the run-directory contract (resume alone, mismatched flags, finished runs)."""
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
+from helpers import only_run_dir, run_algorithm, snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -26,9 +25,7 @@ def tiny_args(dataset, out, **kw):
 
 
 def run_dir_of(out: Path) -> Path:
-    dirs = sorted(p for p in Path(out).glob("bc/*") if p.is_dir())
-    assert len(dirs) == 1, dirs
-    return dirs[0]
+    return only_run_dir(out, "bc")
 
 
 def checkpoint(run_dir: Path) -> dict:
@@ -36,11 +33,7 @@ def checkpoint(run_dir: Path) -> dict:
 
 
 def run_cli(*flags, cwd):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, str(REPO / "algorithms" / "bc.py"), *flags],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
-    )  # fmt: skip
+    return run_algorithm("bc", *flags, cwd=cwd)
 
 
 # --- the loss, the filter, the statistics -----------------------------------------------------
@@ -156,10 +149,6 @@ def short_run(pendulum_dataset, tmp_path_factory):
     args = tiny_args(pendulum_dataset, out, hidden_dims=(16, 16), top_fraction=0.5, total_steps=200, eval_every=100)
     bc.train(args)
     return args, run_dir_of(out)
-
-
-def snapshot(run_dir: Path) -> dict:
-    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
 
 
 def test_resume_with_a_mismatched_flag_is_refused_fast_and_changes_nothing(short_run, tmp_path):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -301,8 +302,7 @@ def run_cli(*flags, cwd):
     return subprocess.run(command(*flags), capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300)
 
 
-def files_of(run_dir: Path) -> dict:
-    return {p.name: p.read_bytes() for p in run_dir.iterdir()}
+files_of = snapshot
 
 
 def evaluations(run_dir: Path) -> list:

@@ -15,6 +15,7 @@ import gymnasium as gym
 import minari
 import numpy as np
 import pytest
+from helpers import run_algorithm, snapshot  # noqa: E402
 from minari.data_collector import EpisodeBuffer
 
 from common import data as data_mod
@@ -27,12 +28,8 @@ import iql  # noqa: E402
 TINY = ["--hidden-dims", "32", "32", "--batch-size", "32", "--eval-episodes", "2", "--no-log"]
 
 
-def run_iql(*flags, cwd, env=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(REPO / "algorithms" / "iql.py"), *flags],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
-    )  # fmt: skip
+def run_iql(*flags, cwd):
+    return run_algorithm("iql", *flags, cwd=cwd)
 
 
 def cli_error(monkeypatch, capsys, argv) -> str:
@@ -148,10 +145,6 @@ def finished_run(pendulum_dataset, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run_dir,) = only_run_dirs(out)
     return run_dir
-
-
-def snapshot(run_dir: Path) -> dict:
-    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and not p.name.startswith("events")}
 
 
 def test_resume_refuses_other_flags_before_loading(finished_run, tmp_path):

@@ -4,9 +4,7 @@ the per-dataset presets, learning, the command line and --resume."""
 import dataclasses
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_algorithm, snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -308,15 +307,10 @@ CLI_FLAGS = ["--total-steps", SMOKE_STEPS, "--eval-every", SMOKE_STEPS, "--num-s
 
 
 def run_cli(*flags, cwd):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # MINARI_DATASETS_PATH comes from the conftest
-    return subprocess.run(
-        [sys.executable, str(REPO / "algorithms" / "cql.py"), *map(str, flags)],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
-    )  # fmt: skip
+    return run_algorithm("cql", *flags, cwd=cwd)
 
 
-def files_of(run_dir: Path) -> dict:
-    return {p.name: p.read_bytes() for p in run_dir.iterdir()}
+files_of = snapshot
 
 
 @pytest.fixture(scope="module")

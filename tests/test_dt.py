@@ -19,6 +19,7 @@ import optax
 import pytest
 import tyro
 from flax import serialization
+from helpers import run_algorithm, snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -417,13 +418,7 @@ def copy_run(run_dir: Path, dest: Path) -> Path:
 
 
 def run_cli(*flags, timeout=600):
-    env = {**os.environ, "MINARI_DATASETS_PATH": os.environ["MINARI_DATASETS_PATH"]}
-    cmd = [sys.executable, "algorithms/dt.py", *map(str, flags)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def snapshot(run_dir: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+    return run_algorithm("dt", *flags, timeout=timeout)
 
 
 def test_resume_alone_continues_from_the_runs_config_as_if_uninterrupted(short_run, pendulum_dataset, tmp_path):

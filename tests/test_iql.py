@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
+from helpers import only_run_dir, run_algorithm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -24,10 +23,8 @@ def tiny_args(dataset, tmp_path, **kw):
     return iql.Args(dataset=dataset, out_dir=str(tmp_path), **{**TINY, **kw})
 
 
-def run_dir_of(record_path_parent: Path) -> Path:
-    dirs = sorted(p for p in record_path_parent.glob("iql/*") if p.is_dir())
-    assert len(dirs) == 1, dirs
-    return dirs[0]
+def run_dir_of(out: Path) -> Path:
+    return only_run_dir(out, "iql")
 
 
 def actor_params(run_dir: Path) -> dict:
@@ -156,11 +153,7 @@ def test_online_phase_logs_both_phases(pendulum_dataset, tmp_path):
 
 # --- the command line -------------------------------------------------------------------------
 def run_cli(*flags, cwd):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, str(REPO / "algorithms" / "iql.py"), *flags],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
-    )  # fmt: skip
+    return run_algorithm("iql", *flags, cwd=cwd)
 
 
 def test_cli_smoke(pendulum_dataset, tmp_path):

@@ -1,0 +1,28 @@
+"""What several test files need: an algorithm file run as a user runs it, and a run directory read back."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_algorithm(algo: str, *flags, cwd=REPO, timeout: int = 300, env: dict | None = None):
+    """`python algorithms/<algo>.py FLAGS` in a subprocess (the conftest's MINARI_DATASETS_PATH and
+    compilation cache are inherited)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    cmd = [sys.executable, str(REPO / "algorithms" / f"{algo}.py"), *map(str, flags)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def snapshot(run_dir: Path) -> dict:
+    """Every file of a run directory, as bytes: equal snapshots mean nothing was rewritten."""
+    return {p.name: p.read_bytes() for p in sorted(Path(run_dir).iterdir()) if p.is_file()}
+
+
+def only_run_dir(out: Path, algo: str) -> Path:
+    """The one run directory an algorithm made under `out`."""
+    dirs = sorted(p for p in Path(out).glob(f"{algo}/*") if p.is_dir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
