@@ -123,8 +123,9 @@ def row(record: dict) -> str:
     # evaluation speed from the last evaluation (compiled by then); older records did not time it
     speed = f"{evals[-1]['episodes_per_s']:.2f}" if "episodes_per_s" in evals[-1] else ""
     data = record.get("dataset_fingerprint", "")[:8]
+    length = f"{np.median(evals[-1]['lengths']):g}" if "lengths" in evals[-1] else ""
     return (
-        f"| {label(record)} | {record['dataset']} | {last} | {best} | {success} | {record['num_seeds']} | "
+        f"| {label(record)} | {record['dataset']} | {last} | {best} | {length} | {success} | {record['num_seeds']} | "
         f"{budget} | {record['tier']} | {record['device']} | {record['wall_time_s'] / 60:.0f} min | {speed} | "
         f"{code} | {data} | {preset(record)} | `{cmd}` |"
     )
@@ -172,6 +173,7 @@ def generate() -> str:
         "`short` is any budget below the paper's (stated in the budget column). Eval episodes/s: the last "
         "evaluation's episodes (all seeds) over its wall time, environments included; commit: the code the "
         "run executed, `(dirty)` if common/, datasets/ or the algorithm file had uncommitted changes when it started; "
+        "median length: the median episode length (steps) of the last evaluation; "
         "data: the first 8 hex digits of the dataset's fingerprint (rows with the same value trained on the same "
         "bytes; datasets/README.md lists the current builds'); preset: the resolved values the presets set.",
         "",
@@ -183,9 +185,9 @@ def generate() -> str:
         lines += [
             f"## Tier: {tier}",
             "",
-            "| algorithm | dataset | last | best | success | seeds | budget | tier | device | wall time "
-            "| eval episodes/s | commit | data | preset | command |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| algorithm | dataset | last | best | median length | success | seeds | budget | tier | device "
+            "| wall time | eval episodes/s | commit | data | preset | command |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [row(r) for r in rows] + [""]
     if not records:

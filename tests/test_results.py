@@ -39,10 +39,11 @@ def test_offline_to_online_row():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "25.0 ± 10.0 -> 60.0 ± 10.0"
     assert cells[3] == "60.0 ± 10.0"  # best evaluation
-    assert cells[6] == "100 updates + 50 env steps"
-    assert cells[10] == "2.50"
-    assert cells[11] == "abc1234"
-    assert cells[12] == "5e3a9c01" and cells[13] == "cql_alpha 5.0, normalize_rewards False"
+    assert cells[4] == "10"  # median episode length of the last evaluation
+    assert cells[7] == "100 updates + 50 env steps"
+    assert cells[11] == "2.50"
+    assert cells[12] == "abc1234"
+    assert cells[13] == "5e3a9c01" and cells[14] == "cql_alpha 5.0, normalize_rewards False"
     assert "(dirty)" in tables.row(record(dirty=True))
 
 
