@@ -391,8 +391,9 @@ class RunLogger:
         self.scalars(step, {f"train/{k}": np.mean(np.asarray(v)) for k, v in metrics.items()})
 
     # --- evaluations and the record ---
-    def evaluation(self, step: int, result: EvalResult, phase: str = "offline") -> dict:
-        """Add an evaluation to the record (in memory: `save_checkpoint` writes it to disk)."""
+    def evaluation(self, step: int, result: EvalResult, phase: str = "offline", extra: dict | None = None) -> dict:
+        """Add an evaluation to the record (in memory: `save_checkpoint` writes it to disk); `extra`
+        holds an algorithm's own JSON-ready diagnostics for this entry (e.g. FamO2O's beta spread)."""
         per_seed = result.normalized.mean(1)
         entry = {
             "step": int(step),
@@ -403,6 +404,7 @@ class RunLogger:
             "eval_seconds": round(result.seconds, 2),  # the first evaluation includes compilation
             "episodes_per_s": round(result.lengths.size / max(result.seconds, 1e-9), 2),
             "env_steps_per_s": round(float(result.lengths.sum()) / max(result.seconds, 1e-9), 1),
+            **(extra or {}),
         }
         tb = {"eval/normalized/mean": per_seed.mean(), "eval/return/mean": result.returns.mean()}
         if result.success is not None:

@@ -80,6 +80,20 @@ def iql_setup(module, batch_size: int) -> Setup:
     )  # fmt: skip
 
 
+def famo2o_setup(module, batch_size: int) -> Setup:
+    """The offline update (beta uniform); the online one differs only in drawing beta from the balance model."""
+    args = module.resolve(module.Args(total_steps=1_000_000, batch_size=batch_size), HOPPER_MEDIUM)
+    init, update, *_ = module.make_agent(args, OBS_DIM, ACTION_DIM)
+    hp = module.Hyper(*(jnp.float32(x) for x in (args.expectile, args.discount, args.tau, args.beta_min,
+                                                 args.beta_max, args.target_entropy)))  # fmt: skip
+    return Setup(
+        init, update, random_transitions(module.Batch), hp,
+        lambda data, key: module.sample_batch(data, key, batch_size),
+        lambda n: module.make_train_chunk(update, batch_size, n),
+        "universal policy, balance model and critics 256-256 (paper size)",
+    )  # fmt: skip
+
+
 def cql_setup(module, batch_size: int) -> Setup:
     """CQL and Cal-QL (the offline update: Cal-QL's online updates are the same update on a mixed batch)."""
     args = module.resolve(module.Args(batch_size=batch_size), HOPPER_MEDIUM)
@@ -120,8 +134,8 @@ def dt_setup(module, batch_size: int) -> Setup:
     )  # fmt: skip
 
 
-SETUPS = {"iql": iql_setup, "cql": cql_setup, "cal_ql": cql_setup, "dt": dt_setup}
-DEFAULT_BATCH = {"iql": 256, "cql": 256, "cal_ql": 256, "dt": 64}
+SETUPS = {"iql": iql_setup, "cql": cql_setup, "cal_ql": cql_setup, "dt": dt_setup, "famo2o": famo2o_setup}
+DEFAULT_BATCH = {"iql": 256, "cql": 256, "cal_ql": 256, "dt": 64, "famo2o": 256}
 
 
 def init_seeds(init, num_seeds: int):

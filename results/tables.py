@@ -36,6 +36,7 @@ PRESET_KEYS = {
     "cal_ql": ("cql_alpha", "cql_lagrange", "normalize_rewards", "reward_scale", "mixing_ratio"),
     "dt": ("target_return", "rtg_scale"),
     "bc": ("top_fraction",),
+    "famo2o": ("expectile", "beta_min", "beta_max"),
 }
 
 
@@ -110,8 +111,11 @@ def row(record: dict) -> str:
     last = fmt(seed_scores(evals[-1]))
     best_entry = max(evals, key=lambda e: seed_scores(e).mean())
     best = fmt(seed_scores(best_entry))
+    change = ""  # what the online phase added, per seed, then mean ± std over seeds
     if online and offline:
         last = f"{fmt(seed_scores(offline[-1]))} -> {last}"
+        diff = seed_scores(evals[-1]) - seed_scores(offline[-1])
+        change = f"{diff.mean():+.1f} ± {diff.std():.1f}"
     budget = f"{record['total_steps']:,} updates"
     if record.get("online_steps"):
         budget += f" + {record['online_steps']:,} env steps"
@@ -125,9 +129,9 @@ def row(record: dict) -> str:
     data = record.get("dataset_fingerprint", "")[:8]
     length = f"{np.median(evals[-1]['lengths']):g}" if "lengths" in evals[-1] else ""
     return (
-        f"| {label(record)} | {record['dataset']} | {last} | {best} | {length} | {success} | {record['num_seeds']} | "
-        f"{budget} | {record['tier']} | {record['device']} | {record['wall_time_s'] / 60:.0f} min | {speed} | "
-        f"{code} | {data} | {preset(record)} | `{cmd}` |"
+        f"| {label(record)} | {record['dataset']} | {last} | {change} | {best} | {length} | {success} | "
+        f"{record['num_seeds']} | {budget} | {record['tier']} | {record['device']} | "
+        f"{record['wall_time_s'] / 60:.0f} min | {speed} | {code} | {data} | {preset(record)} | `{cmd}` |"
     )
 
 
@@ -170,10 +174,11 @@ def generate() -> str:
         "Scores are normalized: 100 * (R - R_min) / (R_max - R_min), with D4RL's reference returns for "
         "the locomotion robots and Minari's reference scores for the maze sets. Last = the final evaluation, "
         "best = the evaluation with the highest mean over seeds; both mean ± std over seeds. Tiers never mix: "
-        "`short` is any budget below the paper's (stated in the budget column). Eval episodes/s: the last "
-        "evaluation's episodes (all seeds) over its wall time, environments included; commit: the code the "
-        "run executed, `(dirty)` if common/, datasets/ or the algorithm file had uncommitted changes when it started; "
-        "median length: the median episode length (steps) of the last evaluation; "
+        "`short` is any budget below the paper's (stated in the budget column). Online change (offline-to-online "
+        "rows): the last evaluation minus the last offline one, per seed, then mean ± std over seeds. "
+        "Eval episodes/s: the last evaluation's episodes (all seeds) over its wall time, environments included; "
+        "commit: the code the run executed, `(dirty)` if common/, datasets/ or the algorithm file had "
+        "uncommitted changes when it started; median length: the median episode length (steps) of the last evaluation; "
         "data: the first 8 hex digits of the dataset's fingerprint (rows with the same value trained on the same "
         "bytes; datasets/README.md lists the current builds'); preset: the resolved values the presets set.",
         "",
@@ -185,9 +190,9 @@ def generate() -> str:
         lines += [
             f"## Tier: {tier}",
             "",
-            "| algorithm | dataset | last | best | median length | success | seeds | budget | tier | device "
-            "| wall time | eval episodes/s | commit | data | preset | command |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| algorithm | dataset | last | online change | best | median length | success | seeds | budget | tier "
+            "| device | wall time | eval episodes/s | commit | data | preset | command |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [row(r) for r in rows] + [""]
     if not records:

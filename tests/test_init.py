@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
 import cal_ql  # noqa: E402
 import cql  # noqa: E402
+import famo2o  # noqa: E402
 import iql  # noqa: E402
 
 OBS_DIM, ACTION_DIM = 5, 2
@@ -45,9 +46,10 @@ HOPPER_MEDIUM = SimpleNamespace(domain="locomotion", robot="hopper", level="medi
 
 
 def init_of(name: str):
-    if name == "iql":
-        args = iql.resolve(iql.Args(hidden_dims=(32, 32)), HOPPER_MEDIUM)
-        init = iql.make_agent(args, OBS_DIM, ACTION_DIM)[0]
+    if name in ("iql", "famo2o"):
+        module = {"iql": iql, "famo2o": famo2o}[name]
+        args = module.resolve(module.Args(hidden_dims=(32, 32)), HOPPER_MEDIUM)
+        init = module.make_agent(args, OBS_DIM, ACTION_DIM)[0]
         return init, (jax.random.key(0),)
     module = {"cql": cql, "cal_ql": cal_ql}[name]
     args = module.resolve(module.Args(hidden_dims=(32, 32)), HOPPER_MEDIUM)
@@ -55,7 +57,7 @@ def init_of(name: str):
     return init, (jax.random.key(0), jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM))
 
 
-@pytest.mark.parametrize("name", ["iql", "cql", "cal_ql"])
+@pytest.mark.parametrize("name", ["iql", "cql", "cal_ql", "famo2o"])
 def test_init_has_only_unbatched_qr(name):
     init, args = init_of(name)
     shapes = qr_operand_shapes(init, *args)

@@ -38,13 +38,16 @@ def test_offline_to_online_row():
     row = tables.row(record())
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "25.0 ± 10.0 -> 60.0 ± 10.0"
-    assert cells[3] == "60.0 ± 10.0"  # best evaluation
-    assert cells[4] == "10"  # median episode length of the last evaluation
-    assert cells[7] == "100 updates + 50 env steps"
-    assert cells[11] == "2.50"
-    assert cells[12] == "abc1234"
-    assert cells[13] == "5e3a9c01" and cells[14] == "cql_alpha 5.0, normalize_rewards False"
+    assert cells[3] == "+35.0 ± 0.0"  # online change: seed 0 15 -> 50, seed 1 35 -> 70
+    assert cells[4] == "60.0 ± 10.0"  # best evaluation
+    assert cells[5] == "10"  # median episode length of the last evaluation
+    assert cells[8] == "100 updates + 50 env steps"
+    assert cells[12] == "2.50"
+    assert cells[13] == "abc1234"
+    assert cells[14] == "5e3a9c01" and cells[15] == "cql_alpha 5.0, normalize_rewards False"
     assert "(dirty)" in tables.row(record(dirty=True))
+    offline_only = tables.row(record(online_steps=0, evaluations=record()["evaluations"][:1]))
+    assert [c.strip() for c in offline_only.strip("|").split("|")][2:4] == ["25.0 ± 10.0", ""]
 
 
 def test_generate_and_add(tmp_path, monkeypatch):
@@ -87,7 +90,7 @@ def test_bc_rows_first_and_filtered_bc_named_apart(tmp_path, monkeypatch):
     assert rows[1:] == ["BC", "10% BC", "cql", "iql", "iql [beta0]"]
 
 
-@pytest.mark.parametrize("algo", ["iql", "cql", "cal_ql", "dt"])
+@pytest.mark.parametrize("algo", ["iql", "cql", "cal_ql", "dt", "famo2o"])
 def test_benchmark_adapters_follow_the_algorithm_files(algo):
     """results/benchmark.py reaches into each file's make_agent, resolve and chunks: a file that
     changes them must change the adapter too (a chunk of two updates, traced)."""
