@@ -276,6 +276,20 @@ def command_name() -> str:
         return sys.argv[0]
 
 
+def portable_flags(argv: list[str]) -> list[str]:
+    """The flags as a user would retype them: without --out-dir (where this machine kept its runs,
+    often an absolute path), which does not change what a run computes."""
+    out, skip = [], False
+    for flag in argv:
+        if skip:
+            skip = False
+        elif flag in ("--out-dir", "--out_dir"):
+            skip = True
+        elif not flag.startswith(("--out-dir=", "--out_dir=")):
+            out.append(flag)
+    return out
+
+
 def device_name() -> str:
     dev = jax.devices()[0]
     return "cpu" if dev.platform == "cpu" else dev.device_kind
@@ -338,7 +352,7 @@ class RunLogger:
                 "algorithm": algo,
                 "dataset": meta.dataset_id,
                 "config": config,
-                "command": [command_name()] + sys.argv[1:],
+                "command": [command_name()] + portable_flags(sys.argv[1:]),
                 "commit": commit,
                 "dirty": dirty,
                 "jax_version": jax.__version__,
