@@ -4,7 +4,8 @@
     python results/tables.py                           # regenerate results/README.md and results/plots/*.png
 
 Records live in `results/records/<algo>/<dataset id, / as ->__<tier>[__<variant>].json`, exactly as
-the run wrote them (variant: `top10` for BC on the best 10% of episodes, or the name given to
+the run wrote them (variant: `top10` for BC on the best 10% of episodes, `o2o` for IQL with an
+online phase, or the name given to
 `--add --variant NAME` for a run made to test a finding, e.g. `beta0`). For each record the table
 shows the last evaluation and the best one (the evaluation with the highest mean over seeds), each as
 mean ± std over seeds of the per-seed average over episodes; offline-to-online records read
@@ -49,6 +50,8 @@ def variant(record: dict) -> str:
     record was added under (kept in memory as `_variant`, never written into the record)."""
     if record.get("_variant"):
         return record["_variant"]
+    if record["algorithm"] == "iql" and record.get("online_steps", 0) > 0:
+        return "o2o"  # IQL offline-to-online, beside the offline record of the same budget
     return f"top{round(100 * top_fraction(record))}" if top_fraction(record) < 1.0 else ""
 
 
@@ -215,11 +218,16 @@ def main(argv=None):
     a = p.parse_args(argv)
     for run_dir in a.add:
         print(f"added {add(run_dir, a.variant)}")
+    print(write())
+
+
+def write() -> str:
+    """Regenerate results/README.md (atomically) and the plots; returns the text."""
     text = generate()
     tmp = HERE / ".README.md.tmp"
     tmp.write_text(text)
     tmp.replace(HERE / "README.md")
-    print(text)
+    return text
 
 
 if __name__ == "__main__":

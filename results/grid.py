@@ -1,0 +1,283 @@
+"""Fill the benchmark grid: every (algorithm, dataset) cell of a tier, one run at a time, resumably.
+
+    python results/grid.py --tier short --list                  # which cells are filed, started, missing
+    python results/grid.py --tier short                          # run every missing cell
+    python results/grid.py --tier short --max-minutes 170        # stop at 170 minutes; the same command continues
+    python results/grid.py --tier paper --datasets local/hopper/medium-v0 --algorithms iql cql
+
+A cell is one algorithm file with the tier's flags on one dataset. Its runs live under
+`runs/grid/<tier>/<cell>/<dataset>/` (the run directory's own contract makes every run resumable).
+For each cell in order: a record already filed in results/records/ with the cell's flags (and, where
+the dataset is built here, its current fingerprint) is skipped; a finished run is filed; an
+unfinished one continues with `--resume`; otherwise the run starts, building its dataset on first
+use. `--max-minutes` ends the command at that wall time: the running cell is stopped (SIGTERM, then
+SIGKILL) and continues from its last checkpoint at the next command, so every command must last
+longer than a cell needs to reach its first checkpoint (one evaluation interval). Each finished run's
+record is filed with `results/tables.py`'s `add`, and the tables are regenerated.
+
+Tiers (never mixed in a table): `paper`, each paper's budget with 5 seeds; `short`, the CPU budgets
+of DESIGN.md (about an hour or less per cell on 2 idle cores); `tiny`, seconds per cell on the test
+datasets, for tests of this script only (never filed into results/records/ by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+import tables  # noqa: E402
+
+CORE = (
+    "local/hopper/medium-v0",
+    "local/walker2d/medium-replay-v0",
+    "local/halfcheetah/medium-expert-v0",
+    "local/pointmaze/medium-sparse-v0",
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    total_steps: int
+    online_steps: int
+    num_seeds: int
+    eval_every: int | None = None  # None: the file's default (the paper's interval)
+
+
+# cell -> (algorithm file, its own flags, budget per tier). Offline-to-online cells carry an online budget.
+CELLS: dict[str, tuple[str, tuple[str, ...], dict[str, Budget]]] = {
+    "bc": ("bc", ("--top-fraction", "1.0"), {"paper": Budget(1_000_000, 0, 5), "short": Budget(100_000, 0, 3)}),
+    "bc10": ("bc", ("--top-fraction", "0.1"), {"paper": Budget(1_000_000, 0, 5), "short": Budget(100_000, 0, 3)}),
+    "iql": ("iql", (), {"paper": Budget(1_000_000, 0, 5), "short": Budget(100_000, 0, 3)}),
+    "cql": ("cql", (), {"paper": Budget(1_000_000, 0, 5), "short": Budget(10_000, 0, 2, 2000)}),
+    "dt": ("dt", (), {"paper": Budget(100_000, 0, 5), "short": Budget(10_000, 0, 2, 2000)}),
+    "cal_ql": ("cal_ql", (), {"paper": Budget(1_000_000, 1_000_000, 5), "short": Budget(10_000, 10_000, 2, 2000)}),
+    "iql_o2o": ("iql", (), {"paper": Budget(1_000_000, 1_000_000, 5), "short": Budget(100_000, 50_000, 3)}),
+    "famo2o": ("famo2o", (), {"paper": Budget(1_000_000, 1_000_000, 5), "short": Budget(100_000, 50_000, 3)}),
+}
+TINY_FLAGS = ("--hidden-dims", "32", "32", "--batch-size", "32", "--eval-episodes", "2", "--no-log")
+# Seconds per cell (startup and compilation dominate); iql_o2o runs long enough online that a test
+# can stop and continue it several times.
+TINY = {"bc": Budget(300, 0, 2, 100), "iql": Budget(300, 0, 2, 100), "iql_o2o": Budget(200, 10_000, 2, 500)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    dataset: str
+    tier: str
+    algo: str
+    flags: tuple[str, ...]  # everything after --dataset
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} on {self.dataset} ({self.tier})"
+
+    def out_dir(self, runs: Path) -> Path:
+        return runs / self.tier / self.name / self.dataset.replace("/", "-")
+
+
+def cells_of(tier: str, datasets, names) -> list[Cell]:
+    out = []
+    for dataset in datasets:
+        for name in names:
+            algo, own, budgets = CELLS[name]
+            budget = TINY.get(name) if tier == "tiny" else budgets.get(tier)
+            if budget is None:
+                continue
+            flags = ["--total-steps", str(budget.total_steps), "--num-seeds", str(budget.num_seeds)]
+            if algo in ("iql", "cal_ql", "famo2o"):  # always explicit: the files' defaults differ
+                flags += ["--online-steps", str(budget.online_steps)]
+            if budget.eval_every:
+                flags += ["--eval-every", str(budget.eval_every)]
+            flags += list(own) + (list(TINY_FLAGS) if tier == "tiny" else [])
+            out.append(Cell(name, dataset, tier, algo, tuple(flags)))
+    return out
+
+
+def flag_values(flags) -> dict[str, str]:
+    """{"total_steps": "100000", ...} for the `--name value` pairs (multi-value flags joined by spaces)."""
+    values, key = {}, None
+    for f in flags:
+        if f.startswith("--"):
+            key = f[2:].replace("-", "_")
+            values[key] = ""
+        elif key is not None:
+            values[key] = f"{values[key]} {f}".strip()
+    return values
+
+
+def same_value(config_value, text: str) -> bool:
+    if text == "":
+        return config_value is True
+    if isinstance(config_value, (list, tuple)):
+        return " ".join(map(str, config_value)) == text
+    try:
+        return float(config_value) == float(text)
+    except (TypeError, ValueError):
+        return str(config_value) == text
+
+
+def matches(record: dict, cell: Cell) -> bool:
+    """The record was made by this cell's file, dataset and flags."""
+    if record.get("algorithm") != cell.algo or record.get("dataset") != cell.dataset:
+        return False
+    config = record.get("config", {})
+    return all(k in config and same_value(config[k], v) for k, v in flag_values(cell.flags).items() if k != "no_log")
+
+
+def current_fingerprint(dataset: str) -> str | None:
+    """The fingerprint of the dataset as built here, None if it is not built (then nothing is built)."""
+    from common.data import dataset_dir, load_dataset
+
+    if not (dataset_dir(dataset) / "data").exists():
+        return None
+    return load_dataset(dataset, to_device=False)[1].fingerprint
+
+
+def filed(cell: Cell, records: Path, fingerprints: dict) -> Path | None:
+    for path in sorted(records.glob(f"{cell.algo}/{cell.dataset.replace('/', '-')}__*.json")):
+        record = json.loads(path.read_text())
+        if not matches(record, cell):
+            continue
+        if cell.dataset not in fingerprints:
+            fingerprints[cell.dataset] = current_fingerprint(cell.dataset)
+        if fingerprints[cell.dataset] in (None, record.get("dataset_fingerprint")):
+            return path
+    return None
+
+
+def run_dirs(cell: Cell, runs: Path) -> list[Path]:
+    """The cell's run directories that match its flags, oldest first."""
+    found = []
+    for record_path in sorted(cell.out_dir(runs).glob("*/*/record.json")):
+        try:
+            if matches(json.loads(record_path.read_text()), cell):
+                found.append(record_path.parent)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return found
+
+
+def status(cell: Cell, runs: Path, records: Path, fingerprints: dict) -> str:
+    if filed(cell, records, fingerprints):
+        return "filed"
+    dirs = run_dirs(cell, runs)
+    if not dirs:
+        return "missing"
+    record = json.loads((dirs[-1] / "record.json").read_text())
+    if record.get("finished"):
+        return "finished, not filed"
+    last = record["evaluations"][-1] if record.get("evaluations") else None
+    return f"started ({last['phase']} step {last['step']})" if last else "started"
+
+
+def file_record(cell: Cell, run_dir: Path, records: Path) -> Path:
+    old = tables.RECORDS
+    tables.RECORDS = records
+    try:
+        return tables.add(run_dir)
+    finally:
+        tables.RECORDS = old
+
+
+def relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def run_cell(cell: Cell, runs: Path, deadline: float | None) -> tuple[Path | None, str]:
+    """Run or continue one cell until it finishes or the deadline passes: (run dir, outcome)."""
+    dirs = run_dirs(cell, runs)
+    out = cell.out_dir(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    script = f"algorithms/{cell.algo}.py"
+    if dirs:
+        cmd = [sys.executable, script, "--resume", relative(dirs[-1])]
+    else:
+        cmd = [sys.executable, script, "--dataset", cell.dataset, *cell.flags, "--out-dir", relative(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(out / "grid.log", "a") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd[1:])}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        outcome = ""
+        while proc.poll() is None:
+            if deadline is not None and time.time() >= deadline:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                outcome = "stopped at the time limit"
+                break
+            time.sleep(1.0)
+    dirs = run_dirs(cell, runs)
+    if outcome:
+        return (dirs[-1] if dirs else None), outcome
+    if proc.returncode != 0:
+        tail = (out / "grid.log").read_text().strip().splitlines()[-1:] or [""]
+        return (dirs[-1] if dirs else None), f"failed (exit {proc.returncode}): {tail[0][:300]}"
+    return (dirs[-1] if dirs else None), "finished"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tier", choices=("paper", "short", "tiny"), required=True)
+    p.add_argument("--datasets", nargs="+", default=list(CORE), help="default: the core grid")
+    p.add_argument("--algorithms", nargs="+", default=list(CELLS), choices=list(CELLS), metavar="CELL",
+                   help=f"cells to run, in this order (default: all: {', '.join(CELLS)})")  # fmt: skip
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this wall time")
+    p.add_argument("--runs", type=Path, default=REPO / "runs" / "grid", help="where the cells' runs live")
+    p.add_argument("--records", type=Path, default=None, help="where records are filed (default: results/records)")
+    p.add_argument("--list", action="store_true", help="only show each cell's status")
+    a = p.parse_args(argv)
+    if a.tier == "tiny" and a.records is None and not a.list:
+        p.error("the tiny tier is for tests: give --records (never results/records)")
+    if a.max_minutes is not None and a.max_minutes <= 0:
+        p.error("--max-minutes must be positive")
+    records = a.records or tables.RECORDS
+    deadline = None if a.max_minutes is None else time.time() + 60 * a.max_minutes
+    cells, fingerprints = cells_of(a.tier, a.datasets, a.algorithms), {}
+    if a.list:
+        for cell in cells:
+            print(f"{cell.title}: {status(cell, a.runs, records, fingerprints)}")
+        return 0
+    failed = 0
+    for cell in cells:
+        if filed(cell, records, fingerprints):
+            print(f"{cell.title}: filed", flush=True)
+            continue
+        if deadline is not None and time.time() >= deadline:
+            print(f"time limit reached; run the same command again to continue ({cell.title} is next)", flush=True)
+            return 3
+        print(f"{cell.title}: running ({relative(cell.out_dir(a.runs))}/grid.log)", flush=True)
+        run_dir, outcome = run_cell(cell, a.runs, deadline)
+        print(f"{cell.title}: {outcome}", flush=True)
+        if outcome == "stopped at the time limit":
+            return 3
+        if outcome != "finished":
+            failed += 1
+            continue
+        print(f"{cell.title}: filed {relative(file_record(cell, run_dir, records))}", flush=True)
+        fingerprints.pop(cell.dataset, None)  # built by the run if it was missing
+        if a.records is None:
+            tables.write()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

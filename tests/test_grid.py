@@ -1,0 +1,69 @@
+"""results/grid.py: cells from tiers, records matched to cells, and a grid stopped by --max-minutes
+and continued over several commands ending with the records of one uninterrupted command."""
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "results"))
+import grid  # noqa: E402
+
+
+def test_cells_carry_each_tiers_budget():
+    cells = {c.name: c for c in grid.cells_of("short", ["local/hopper/medium-v0"], list(grid.CELLS))}
+    flags = {name: grid.flag_values(c.flags) for name, c in cells.items()}
+    assert flags["iql"] == {"total_steps": "100000", "num_seeds": "3", "online_steps": "0"}
+    assert flags["iql_o2o"] == {"total_steps": "100000", "num_seeds": "3", "online_steps": "50000"}
+    assert flags["cal_ql"]["online_steps"] == "10000" and flags["cql"]["eval_every"] == "2000"
+    assert flags["bc10"]["top_fraction"] == "0.1" and cells["bc10"].algo == "bc"
+    paper = {
+        c.name: grid.flag_values(c.flags) for c in grid.cells_of("paper", ["local/hopper/medium-v0"], ["dt", "famo2o"])
+    }
+    assert paper["dt"] == {"total_steps": "100000", "num_seeds": "5"}
+    assert paper["famo2o"]["online_steps"] == "1000000"
+
+
+def test_a_record_matches_only_its_own_cell():
+    cells = {c.name: c for c in grid.cells_of("short", ["local/hopper/medium-v0"], ["iql", "iql_o2o", "bc", "bc10"])}
+    record = {"algorithm": "iql", "dataset": "local/hopper/medium-v0",
+              "config": {"total_steps": 100000, "num_seeds": 3, "online_steps": 0, "beta": 3.0}}  # fmt: skip
+    assert grid.matches(record, cells["iql"]) and not grid.matches(record, cells["iql_o2o"])
+    assert not grid.matches({**record, "dataset": "local/hopper/expert-v0"}, cells["iql"])
+    bc = {"algorithm": "bc", "dataset": "local/hopper/medium-v0",
+          "config": {"total_steps": 100000, "num_seeds": 3, "top_fraction": 0.1}}  # fmt: skip
+    assert grid.matches(bc, cells["bc10"]) and not grid.matches(bc, cells["bc"])
+
+
+def evaluations(records: Path) -> dict:
+    out = {}
+    for path in sorted(records.rglob("*.json")):
+        record = json.loads(path.read_text())
+        out[path.relative_to(records).as_posix()] = (
+            record["command"],
+            [(e["phase"], e["step"], e["returns"]) for e in record["evaluations"]],
+        )
+    return out
+
+
+def test_interrupted_grid_ends_with_the_records_of_one_uninterrupted_command(pendulum_dataset, tmp_path, capsys):
+    cells = ["--tier", "tiny", "--datasets", pendulum_dataset, "--algorithms", "iql_o2o"]
+    assert grid.main([*cells, "--runs", str(tmp_path / "a"), "--records", str(tmp_path / "ra")]) == 0
+    commands = 0
+    while True:  # 9 s per command (the cell takes 15-30 s): each stops the run the next continues
+        commands += 1
+        rc = grid.main(
+            [*cells, "--runs", str(tmp_path / "b"), "--records", str(tmp_path / "rb"), "--max-minutes", "0.15"]
+        )
+        if rc == 0:
+            break
+        assert rc == 3 and commands < 40, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert commands >= 2 and "stopped at the time limit" in out
+    uninterrupted, continued = evaluations(tmp_path / "ra"), evaluations(tmp_path / "rb")
+    assert sorted(uninterrupted) == ["iql/test-pendulum-pd-v0__short__o2o.json"]
+    assert continued == uninterrupted
+    assert not any(str(tmp_path) in " ".join(cmd) for cmd, _ in continued.values())  # no path of this machine
+    # A filled grid runs nothing.
+    assert grid.main([*cells, "--runs", str(tmp_path / "b"), "--records", str(tmp_path / "rb")]) == 0
+    assert capsys.readouterr().out.strip().endswith(": filed")
