@@ -12,6 +12,10 @@ mean ± std over seeds of the per-seed average over episodes; offline-to-online 
 `offline -> online`. Rows are grouped by dataset with the behaviour-cloning baselines first, so every
 algorithm sits beside BC on the same data; the `data` column (the dataset's fingerprint) shows
 whether two rows trained on the same bytes, and `preset` the resolved values that differ by dataset.
+
+The aggregate over the core grid's datasets is rliable's (Agarwal et al. 2021): the interquartile
+mean with a stratified-bootstrap 95% interval, written here in numpy because rliable 1.2.0 does not
+import beside pandas 3 (its dependency arch 7.2.0 fails in `deprecate_kwarg`, checked 2026-12-02).
 """
 
 from __future__ import annotations
@@ -107,6 +111,45 @@ def fmt(scores: np.ndarray) -> str:
     return f"{scores.mean():.1f} ± {scores.std():.1f}"
 
 
+# --- the aggregate over the grid's datasets (rliable's method, in numpy) ------------------------
+def iqm(scores) -> float:
+    """Interquartile mean: the mean of the middle 50% of the pooled scores (scipy's trim_mean(x, 0.25):
+    int(0.25 n) scores cut from each end)."""
+    x = np.sort(np.ravel(scores))
+    cut = int(0.25 * x.size)
+    return float(x[cut : x.size - cut].mean())
+
+
+def stratified_bootstrap_ci(per_task: list[np.ndarray], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the IQM when each task's runs (seeds) are resampled with replacement
+    within the task (Agarwal et al. 2021, rliable's StratifiedBootstrap). A fixed seed keeps the
+    tables byte-identical from the same records."""
+    rng = np.random.default_rng(seed)
+    stats = [iqm(np.concatenate([s[rng.integers(0, s.size, s.size)] for s in per_task])) for _ in range(reps)]
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def aggregate(records: list[dict], datasets) -> list[str]:
+    """One row per algorithm (label): IQM of the last evaluation's per-seed scores over `datasets`,
+    with its stratified-bootstrap interval; only algorithms with a record on every dataset."""
+    by_label: dict[str, dict[str, np.ndarray]] = {}
+    for r in records:
+        if r["dataset"] in datasets:
+            by_label.setdefault(label(r), {})[r["dataset"]] = seed_scores(r["evaluations"][-1])
+    rows = []
+    for name in sorted(by_label, key=lambda n: (not n.endswith("BC"), n)):
+        tasks = by_label[name]
+        if len(tasks) < len(datasets):
+            rows.append(f"| {name} | {len(tasks)} of {len(datasets)} |  |  |")
+            continue
+        per_task = [tasks[d] for d in datasets]
+        lo, hi = stratified_bootstrap_ci(per_task)
+        rows.append(f"| {name} | {len(tasks)} of {len(datasets)} | {iqm(np.concatenate(per_task)):.1f} | "
+                    f"[{lo:.1f}, {hi:.1f}] |")  # fmt: skip
+    return rows
+
+
 def row(record: dict) -> str:
     evals = record["evaluations"]
     offline = [e for e in evals if e["phase"] == "offline"]
@@ -167,6 +210,84 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def aggregate_section(records: list[dict], tier: str) -> list[str]:
+    """The aggregate table of one tier, as results/README.md and the top-level README show it."""
+    import grid
+
+    return [
+        f"## Aggregate, tier {tier}: IQM over the core grid's datasets",
+        "",
+        "Interquartile mean of the last evaluation's per-seed scores pooled over "
+        f"{', '.join(f'`{d}`' for d in grid.CORE)}, with a 95% stratified-bootstrap interval (seeds resampled "
+        "within each dataset, 2000 resamples; Agarwal et al. 2021). Only algorithms with a record on the "
+        "current build of every one of these datasets get a number.",
+        "",
+        "| algorithm | datasets | IQM | 95% interval |",
+        "|---|---|---|---|",
+        *aggregate([r for r in records if r["tier"] == tier and grid.current(r)], grid.CORE),
+        "",
+    ]
+
+
+def plot_dataset(records: list[dict], path: Path) -> None:
+    """Every algorithm's learning curve (mean over seeds) on one dataset, online steps after the offline ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for r in sorted(records, key=order):
+        steps = np.array([e["step"] + (r["total_steps"] if e["phase"] == "online" else 0) for e in r["evaluations"]])
+        ax.plot(steps, [seed_scores(e).mean() for e in r["evaluations"]], label=label(r), marker=".", markersize=3)
+    ax.set_xlabel("updates (+ online env steps)")
+    ax.set_ylabel("normalized score")
+    ax.set_title(f"{records[0]['dataset']} ({records[0]['tier']} tier)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def protocol(records: list[dict]) -> list[str]:
+    """The grid (results/grid.py): its datasets and per-tier budgets, and the short tier's cells still missing."""
+    import grid
+
+    lines = [
+        "## Protocol",
+        "",
+        "The core grid is every cell of `results/grid.py` (an algorithm file with a tier's flags) on "
+        f"{', '.join(f'`{d}`' for d in grid.CORE)}. `python results/grid.py --tier short` runs the missing cells "
+        "one at a time, resumably (`--max-minutes N` stops and the same command continues), and files each "
+        "finished record here. Tiers never mix: `paper` is each paper's budget with 5 seeds, `short` the CPU "
+        "budgets (an hour or less per cell on 2 idle cores).",
+        "",
+        "| cell | file and flags | short | paper |",
+        "|---|---|---|---|",
+    ]
+    for name, (algo, own, budgets) in grid.CELLS.items():
+        text = {}
+        for tier in ("short", "paper"):
+            b = budgets[tier]
+            text[tier] = f"{b.total_steps:,} updates" + (f" + {b.online_steps:,} env steps" if b.online_steps else "")
+            text[tier] += f" x {b.num_seeds} seeds" + (f", eval every {b.eval_every:,}" if b.eval_every else "")
+        lines.append(f"| {name} | `{' '.join([f'{algo}.py', *own])}` | {text['short']} | {text['paper']} |")
+    cells = grid.cells_of("short", grid.CORE, list(grid.CELLS))
+    done = {(c.dataset, c.name) for c in cells if grid.recorded(c, records)}
+    lines += [
+        "",
+        f"Short tier, core grid: {len(done)} of {len(cells)} cells recorded on the current dataset builds "
+        "(`done`); the others remain.",
+        "",
+        "| dataset | " + " | ".join(grid.CELLS) + " |",
+        "|---|" + "---|" * len(grid.CELLS),
+    ]
+    for dataset in grid.CORE:
+        marks = ["done" if (dataset, name) in done else "-" for name in grid.CELLS]
+        lines.append(f"| `{dataset}` | " + " | ".join(marks) + " |")
+    return lines + [""]
+
+
 def generate() -> str:
     records = [load(p) for p in sorted(RECORDS.rglob("*.json"))]
     lines = [
@@ -190,6 +311,7 @@ def generate() -> str:
         rows = sorted((r for r in records if r["tier"] == tier), key=order)
         if not rows:
             continue
+        lines += aggregate_section(rows, tier)
         lines += [
             f"## Tier: {tier}",
             "",
@@ -200,9 +322,17 @@ def generate() -> str:
         lines += [row(r) for r in rows] + [""]
     if not records:
         lines.append("No records yet.")
+    lines += protocol(records)
     if FINDINGS.exists():  # prose explaining the numbers above; each number in it names its record
         lines += [FINDINGS.read_text().strip(), ""]
     PLOTS.mkdir(exist_ok=True)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["tier"]), []).append(r)
+    for (dataset, tier), group in sorted(groups.items()):
+        name = f"curves__{dataset.replace('/', '-')}__{tier}.png"
+        plot_dataset(group, PLOTS / name)
+        lines.append(f"![all algorithms on {dataset} ({tier})](plots/{name})")
     for r in sorted(records, key=order):
         name = record_name(r).stem
         plot(r, PLOTS / f"{r['algorithm']}__{name}.png")
@@ -221,13 +351,31 @@ def main(argv=None):
     print(write())
 
 
+AGGREGATE_START, AGGREGATE_END = "<!-- aggregate: generated by results/tables.py -->", "<!-- /aggregate -->"
+
+
 def write() -> str:
-    """Regenerate results/README.md (atomically) and the plots; returns the text."""
+    """Regenerate results/README.md and the plots, and the aggregate section of the top-level
+    README (between its markers); files are replaced atomically. Returns results/README.md's text."""
     text = generate()
-    tmp = HERE / ".README.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(HERE / "README.md")
+    atomic_text(HERE / "README.md", text)
+    readme = HERE.parent / "README.md"
+    top = readme.read_text()
+    if AGGREGATE_START in top and AGGREGATE_END in top:
+        records = [load(p) for p in sorted(RECORDS.rglob("*.json"))]
+        section = [line for tier in ("paper", "short") if any(r["tier"] == tier for r in records)
+                   for line in aggregate_section(records, tier)]  # fmt: skip
+        section = [line.replace("## Aggregate", "### Aggregate") for line in section]
+        head, rest = top.split(AGGREGATE_START, 1)
+        tail = rest.split(AGGREGATE_END, 1)[1]
+        atomic_text(readme, "\n".join([head + AGGREGATE_START, "", *section, AGGREGATE_END]) + tail)
     return text
+
+
+def atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

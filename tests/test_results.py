@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +69,12 @@ def test_generate_and_add(tmp_path, monkeypatch):
     assert (tmp_path / "plots" / "cal_ql__local-hopper-medium-v0__short.png").stat().st_size > 0
 
 
+def table_rows(text: str, heading: str = "## Tier: short") -> list[str]:
+    """First cells of the rows of the table under `heading` (header row first)."""
+    block = text.split(heading, 1)[1].split("\n\n")[1]
+    return [line.split("|")[1].strip() for line in block.splitlines() if line.startswith("| ")]
+
+
 def test_bc_rows_first_and_filtered_bc_named_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "RECORDS", tmp_path / "records")
     monkeypatch.setattr(tables, "PLOTS", tmp_path / "plots")
@@ -80,14 +87,52 @@ def test_bc_rows_first_and_filtered_bc_named_apart(tmp_path, monkeypatch):
         path.write_text(json.dumps(r))
     assert sorted(p.name for p in (tmp_path / "records" / "bc").iterdir()) == [
         "local-hopper-medium-v0__short.json", "local-hopper-medium-v0__short__top10.json"]  # fmt: skip
-    rows = [line.split("|")[1].strip() for line in tables.generate().splitlines() if line.startswith("| ")]
+    rows = table_rows(tables.generate())
     assert rows[1:] == ["BC", "10% BC", "cql", "iql"]  # after the header
     run = tmp_path / "run"
     run.mkdir()
     (run / "record.json").write_text(json.dumps(record(algorithm="iql", config={"beta": 0.0}, **offline)))
     assert tables.add(run, "beta0").name == "local-hopper-medium-v0__short__beta0.json"
-    rows = [line.split("|")[1].strip() for line in tables.generate().splitlines() if line.startswith("| ")]
+    rows = table_rows(tables.generate())
     assert rows[1:] == ["BC", "10% BC", "cql", "iql", "iql [beta0]"]
+
+
+# --- the aggregate: interquartile mean and stratified bootstrap ---------------------------------
+def test_iqm_hand_computed():
+    assert tables.iqm(np.arange(1.0, 9.0)) == 4.5  # 8 scores: 2 cut from each end, mean of 3, 4, 5, 6
+    assert tables.iqm([1.0, 2.0, 3.0, 4.0, 100.0]) == 3.0  # int(1.25) = 1 cut from each end
+    assert tables.iqm([[0.0, 0.0, 0.0], [100.0, 100.0, 100.0]]) == 50.0
+
+
+def test_bootstrap_resamples_within_each_dataset():
+    # Resampled within each dataset, every draw keeps three 0s and three 100s: the interval is one
+    # point. A bootstrap over the pooled scores would draw other mixes and widen it.
+    assert tables.stratified_bootstrap_ci([np.zeros(3), np.full(3, 100.0)]) == (50.0, 50.0)
+    per_task = [np.array([0.0, 10.0, 20.0]), np.array([50.0, 60.0, 70.0])]
+    lo, hi = tables.stratified_bootstrap_ci(per_task)
+    point = tables.iqm(np.concatenate(per_task))
+    assert 0.0 <= lo < point < hi <= 70.0
+    assert tables.stratified_bootstrap_ci(per_task) == (lo, hi)  # fixed seed: tables regenerate identically
+
+
+def test_aggregate_needs_every_dataset_and_tables_regenerate_identically(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(tables, "PLOTS", tmp_path / "plots")
+    monkeypatch.setattr(tables, "FINDINGS", tmp_path / "findings.md")
+    scores = {"local/a/x-v0": [[0.0], [10.0], [20.0]], "local/b/y-v0": [[50.0], [60.0], [70.0]]}
+    records = [
+        record(algorithm="iql", dataset=d, online_steps=0, evaluations=[entry(100, "offline", s)])
+        for d, s in scores.items()
+    ] + [record(algorithm="cql", dataset="local/a/x-v0", online_steps=0,
+                evaluations=[entry(100, "offline", [[5.0], [5.0]])])]  # fmt: skip
+    rows = tables.aggregate(records, list(scores))
+    lo, hi = tables.stratified_bootstrap_ci([np.array([0.0, 10.0, 20.0]), np.array([50.0, 60.0, 70.0])])
+    assert rows == ["| cql | 1 of 2 |  |  |", f"| iql | 2 of 2 | 35.0 | [{lo:.1f}, {hi:.1f}] |"]
+    for r in records:
+        path = tables.record_name(r)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    assert tables.generate() == tables.generate()
 
 
 @pytest.mark.parametrize("algo", ["iql", "cql", "cal_ql", "dt", "famo2o"])
