@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 RECORDS = HERE / "records"
 PLOTS = HERE / "plots"
 FINDINGS = HERE / "findings.md"
+PUBLISHED = HERE / "published.json"
 
 
 # Resolved config values shown in the `preset` column: the ones presets set per domain or dataset.
@@ -249,6 +250,18 @@ def plot_dataset(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def published() -> list[str]:
+    """The separate table of published numbers (results/published.json), for context only."""
+    if not PUBLISHED.exists():
+        return []
+    table = json.loads(PUBLISHED.read_text())
+    lines = ["## Published D4RL numbers (context only, not comparable row for row)", "", table["note"],
+             f"Source: {table['source']}.", "", "| D4RL dataset | " + " | ".join(table["columns"]) + " |",
+             "|---|" + "---|" * len(table["columns"])]  # fmt: skip
+    lines += [f"| {name} | " + " | ".join(values) + " |" for name, values in table["rows"].items()]
+    return lines + [""]
+
+
 def protocol(records: list[dict]) -> list[str]:
     """The grid (results/grid.py): its datasets and per-tier budgets, and the short tier's cells still missing."""
     import grid
@@ -322,7 +335,7 @@ def generate() -> str:
         lines += [row(r) for r in rows] + [""]
     if not records:
         lines.append("No records yet.")
-    lines += protocol(records)
+    lines += protocol(records) + published()
     if FINDINGS.exists():  # prose explaining the numbers above; each number in it names its record
         lines += [FINDINGS.read_text().strip(), ""]
     PLOTS.mkdir(exist_ok=True)

@@ -119,6 +119,7 @@ def test_aggregate_needs_every_dataset_and_tables_regenerate_identically(tmp_pat
     monkeypatch.setattr(tables, "RECORDS", tmp_path / "records")
     monkeypatch.setattr(tables, "PLOTS", tmp_path / "plots")
     monkeypatch.setattr(tables, "FINDINGS", tmp_path / "findings.md")
+    monkeypatch.setattr(tables, "PUBLISHED", tmp_path / "published.json")
     scores = {"local/a/x-v0": [[0.0], [10.0], [20.0]], "local/b/y-v0": [[50.0], [60.0], [70.0]]}
     records = [
         record(algorithm="iql", dataset=d, online_steps=0, evaluations=[entry(100, "offline", s)])
