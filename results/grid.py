@@ -141,6 +141,7 @@ def matches(record: dict, cell: Cell) -> bool:
 BUILDS = {
     "local/hopper/medium-v0": "0f6e35fb",
     "local/walker2d/medium-replay-v0": "ad7928be",
+    "local/pointmaze/medium-sparse-v0": "439406b6",
 }
 
 
