@@ -142,6 +142,7 @@ BUILDS = {
     "local/hopper/medium-v0": "0f6e35fb",
     "local/walker2d/medium-replay-v0": "ad7928be",
     "local/pointmaze/medium-sparse-v0": "439406b6",
+    "local/halfcheetah/medium-expert-v0": "30a3c74a",
 }
 
 
