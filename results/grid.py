@@ -52,6 +52,7 @@ class Budget:
     online_steps: int
     num_seeds: int
     eval_every: int | None = None  # None: the file's default (the paper's interval)
+    flags: tuple[str, ...] = ()  # the tier's own flags (e.g. ReinFlow's environments per seed)
 
 
 # cell -> (algorithm file, its own flags, budget per tier). Offline-to-online cells carry an online budget.
@@ -64,6 +65,15 @@ CELLS: dict[str, tuple[str, tuple[str, ...], dict[str, Budget]]] = {
     "cal_ql": ("cal_ql", (), {"paper": Budget(1_000_000, 1_000_000, 5), "short": Budget(10_000, 10_000, 2, 2000)}),
     "iql_o2o": ("iql", (), {"paper": Budget(1_000_000, 1_000_000, 5), "short": Budget(100_000, 50_000, 3)}),
     "famo2o": ("famo2o", (), {"paper": Budget(1_000_000, 1_000_000, 5), "short": Budget(100_000, 50_000, 3)}),
+    # ReinFlow: pre-training updates + PPO environment steps; paper: 1000 iterations of 40 envs x 500 chunks x 4.
+    "reinflow": (
+        "reinflow",
+        (),
+        {
+            "paper": Budget(300_000, 80_000_000, 5, flags=("--num-envs", "40")),
+            "short": Budget(50_000, 100_000, 2, 10_000, flags=("--num-envs", "10", "--rollout-chunks", "100")),
+        },
+    ),
 }
 TINY_FLAGS = ("--hidden-dims", "32", "32", "--batch-size", "32", "--eval-episodes", "2", "--no-log")
 # Seconds per cell (startup and compilation dominate); iql_o2o runs long enough online that a test
@@ -96,11 +106,11 @@ def cells_of(tier: str, datasets, names) -> list[Cell]:
             if budget is None:
                 continue
             flags = ["--total-steps", str(budget.total_steps), "--num-seeds", str(budget.num_seeds)]
-            if algo in ("iql", "cal_ql", "famo2o"):  # always explicit: the files' defaults differ
+            if algo in ("iql", "cal_ql", "famo2o", "reinflow"):  # always explicit: the files' defaults differ
                 flags += ["--online-steps", str(budget.online_steps)]
             if budget.eval_every:
                 flags += ["--eval-every", str(budget.eval_every)]
-            flags += list(own) + (list(TINY_FLAGS) if tier == "tiny" else [])
+            flags += list(budget.flags) + list(own) + (list(TINY_FLAGS) if tier == "tiny" else [])
             out.append(Cell(name, dataset, tier, algo, tuple(flags)))
     return out
 

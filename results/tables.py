@@ -43,6 +43,7 @@ PRESET_KEYS = {
     "dt": ("target_return", "rtg_scale"),
     "bc": ("top_fraction",),
     "famo2o": ("expectile", "beta_min", "beta_max"),
+    "reinflow": ("actor_lr", "critic_lr", "sigma_min", "sigma_max"),
 }
 
 
@@ -284,6 +285,7 @@ def protocol(records: list[dict]) -> list[str]:
             b = budgets[tier]
             text[tier] = f"{b.total_steps:,} updates" + (f" + {b.online_steps:,} env steps" if b.online_steps else "")
             text[tier] += f" x {b.num_seeds} seeds" + (f", eval every {b.eval_every:,}" if b.eval_every else "")
+            text[tier] += f", `{' '.join(b.flags)}`" if b.flags else ""
         lines.append(f"| {name} | `{' '.join([f'{algo}.py', *own])}` | {text['short']} | {text['paper']} |")
     cells = grid.cells_of("short", grid.CORE, list(grid.CELLS))
     done = {(c.dataset, c.name) for c in cells if grid.recorded(c, records)}
