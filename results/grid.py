@@ -65,6 +65,15 @@ CELLS: dict[str, tuple[str, tuple[str, ...], dict[str, Budget]]] = {
     "cal_ql": ("cal_ql", (), {"paper": Budget(1_000_000, 1_000_000, 5), "short": Budget(10_000, 10_000, 2, 2000)}),
     "iql_o2o": ("iql", (), {"paper": Budget(1_000_000, 1_000_000, 5), "short": Budget(100_000, 50_000, 3)}),
     "famo2o": ("famo2o", (), {"paper": Budget(1_000_000, 1_000_000, 5), "short": Budget(100_000, 50_000, 3)}),
+    # RAVL: agent updates (its dynamics model is trained first, capped by --model-max-epochs on the CPU).
+    "ravl": (
+        "ravl",
+        (),
+        {
+            "paper": Budget(3_000_000, 0, 5),
+            "short": Budget(10_000, 0, 2, flags=("--model-max-epochs", "20", "--rollouts-per-epoch", "5000")),
+        },
+    ),
     # ReinFlow: pre-training updates + PPO environment steps; paper: 1000 iterations of 40 envs x 500 chunks x 4.
     "reinflow": (
         "reinflow",

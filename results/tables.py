@@ -44,6 +44,7 @@ PRESET_KEYS = {
     "bc": ("top_fraction",),
     "famo2o": ("expectile", "beta_min", "beta_max"),
     "reinflow": ("actor_lr", "critic_lr", "sigma_min", "sigma_max"),
+    "ravl": ("num_critics", "eta", "rollout_length", "dataset_ratio"),
 }
 
 
