@@ -276,6 +276,9 @@ def command_name() -> str:
         return sys.argv[0]
 
 
+MACHINE_FLAGS = ("out_dir", "resume")  # paths of the machine that ran it: kept out of records
+
+
 def portable_flags(argv: list[str]) -> list[str]:
     """The flags as a user would retype them: without --out-dir (where this machine kept its runs,
     often an absolute path), which does not change what a run computes."""
@@ -328,6 +331,8 @@ class RunLogger:
 
     def __init__(self, algo: str, args: Any, meta: Meta, *, seeds: list[int], paper_steps: tuple[int, int]):
         config = dataclasses.asdict(args)
+        # The record travels (results/records/): no path of this machine in it. config.json keeps them.
+        portable = {k: v for k, v in config.items() if k not in MACHINE_FLAGS}
         total_steps, online_steps = args.total_steps, getattr(args, "online_steps", 0)
         self.paper_steps = paper_steps
         self.resumed: RunFiles | None = None
@@ -341,7 +346,7 @@ class RunLogger:
                     f"{self.record['dataset_fingerprint'][:12]}...: the dataset was rebuilt or changed, so the run "
                     "cannot continue on it"
                 )
-            self.record.update(config=config, total_steps=total_steps, online_steps=online_steps, finished=False)
+            self.record.update(config=portable, total_steps=total_steps, online_steps=online_steps, finished=False)
             self.record["tier"] = tier_of(total_steps, online_steps, paper_steps)
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -351,7 +356,7 @@ class RunLogger:
             self.record = {
                 "algorithm": algo,
                 "dataset": meta.dataset_id,
-                "config": config,
+                "config": portable,
                 "command": [command_name()] + portable_flags(sys.argv[1:]),
                 "commit": commit,
                 "dirty": dirty,
