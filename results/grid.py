@@ -55,6 +55,9 @@ class Budget:
     flags: tuple[str, ...] = ()  # the tier's own flags (e.g. ReinFlow's environments per seed)
 
 
+# MOREC's model, dynamics reward and rollouts scaled down for 2 CPU cores (untimed as a whole).
+MOREC_SHORT = ("--model-max-epochs", "30", "--rollouts-per-epoch", "200", "--reward-iterations", "100",
+               "--snapshot-interval", "5")  # fmt: skip
 # cell -> (algorithm file, its own flags, budget per tier). Offline-to-online cells carry an online budget.
 CELLS: dict[str, tuple[str, tuple[str, ...], dict[str, Budget]]] = {
     "bc": ("bc", ("--top-fraction", "1.0"), {"paper": Budget(1_000_000, 0, 5), "short": Budget(100_000, 0, 3)}),
@@ -72,6 +75,23 @@ CELLS: dict[str, tuple[str, tuple[str, ...], dict[str, Budget]]] = {
         {
             "paper": Budget(3_000_000, 0, 5),
             "short": Budget(10_000, 0, 2, flags=("--model-max-epochs", "20", "--rollouts-per-epoch", "5000")),
+        },
+    ),
+    # MOREC-MOPO, and plain MOPO on the same model (--no-filter) beside it.
+    "morec": (
+        "morec",
+        (),
+        {
+            "paper": Budget(3_000_000, 0, 5),
+            "short": Budget(50_000, 0, 2, flags=MOREC_SHORT),
+        },
+    ),
+    "mopo": (
+        "morec",
+        ("--no-filter",),
+        {
+            "paper": Budget(3_000_000, 0, 5),
+            "short": Budget(50_000, 0, 2, flags=MOREC_SHORT),
         },
     ),
     # ReinFlow: pre-training updates + PPO environment steps; paper: 1000 iterations of 40 envs x 500 chunks x 4.
@@ -147,9 +167,15 @@ def same_value(config_value, text: str) -> bool:
         return str(config_value) == text
 
 
+# The name results/tables.py files a cell's record under (its variant), where it is not the file's own.
+VARIANTS = {"bc10": "top10", "iql_o2o": "o2o", "mopo": "mopo"}
+
+
 def matches(record: dict, cell: Cell) -> bool:
-    """The record was made by this cell's file, dataset and flags."""
+    """The record was made by this cell's file, dataset and flags (and files under the cell's variant)."""
     if record.get("algorithm") != cell.algo or record.get("dataset") != cell.dataset:
+        return False
+    if tables.variant({k: v for k, v in record.items() if k != "_variant"}) != VARIANTS.get(cell.name, ""):
         return False
     config = record.get("config", {})
     return all(k in config and same_value(config[k], v) for k, v in flag_values(cell.flags).items() if k != "no_log")

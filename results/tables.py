@@ -45,6 +45,7 @@ PRESET_KEYS = {
     "famo2o": ("expectile", "beta_min", "beta_max"),
     "reinflow": ("actor_lr", "critic_lr", "sigma_min", "sigma_max"),
     "ravl": ("num_critics", "eta", "rollout_length", "dataset_ratio"),
+    "morec": ("penalty_coef", "filter", "no_filter"),
 }
 
 
@@ -59,6 +60,8 @@ def variant(record: dict) -> str:
         return record["_variant"]
     if record["algorithm"] == "iql" and record.get("online_steps", 0) > 0:
         return "o2o"  # IQL offline-to-online, beside the offline record of the same budget
+    if record["algorithm"] == "morec" and record.get("config", {}).get("no_filter"):
+        return "mopo"  # plain MOPO on the same model and budget, beside MOREC
     return f"top{round(100 * top_fraction(record))}" if top_fraction(record) < 1.0 else ""
 
 

@@ -33,6 +33,13 @@ def test_a_record_matches_only_its_own_cell():
     bc = {"algorithm": "bc", "dataset": "local/hopper/medium-v0",
           "config": {"total_steps": 100000, "num_seeds": 3, "top_fraction": 0.1}}  # fmt: skip
     assert grid.matches(bc, cells["bc10"]) and not grid.matches(bc, cells["bc"])
+    morec = {c.name: c for c in grid.cells_of("short", ["local/hopper/medium-v0"], ["morec", "mopo"])}
+    config = {"total_steps": 50000, "num_seeds": 2, "model_max_epochs": 30, "rollouts_per_epoch": 200,
+              "reward_iterations": 100, "snapshot_interval": 5}  # fmt: skip
+    mopo = {"algorithm": "morec", "dataset": "local/hopper/medium-v0", "config": {**config, "no_filter": True}}
+    assert grid.matches(mopo, morec["mopo"]) and not grid.matches(mopo, morec["morec"])
+    filtered = {**mopo, "config": {**config, "no_filter": False}}
+    assert grid.matches(filtered, morec["morec"]) and not grid.matches(filtered, morec["mopo"])
 
 
 def evaluations(records: Path) -> dict:

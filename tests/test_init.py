@@ -23,6 +23,7 @@ import cal_ql  # noqa: E402
 import cql  # noqa: E402
 import famo2o  # noqa: E402
 import iql  # noqa: E402
+import morec  # noqa: E402
 import ravl  # noqa: E402
 import reinflow  # noqa: E402
 
@@ -49,6 +50,8 @@ HOPPER_MEDIUM = SimpleNamespace(domain="locomotion", robot="hopper", level="medi
 
 
 def init_of(name: str):
+    if name == "morec":  # PyTorch-style init: no QR at all
+        return morec.make_agent(morec.Args(hidden_dims=(32, 32)), OBS_DIM, ACTION_DIM)[0], (jax.random.key(0),)
     if name == "ravl":  # torch-style and EDAC inits: no QR at all, even with the critics' vmapped init
         args = dataclasses.replace(ravl.Args(hidden_dims=(32, 32)), **ravl.DEFAULTS)
         return ravl.make_agent(args, OBS_DIM, ACTION_DIM)[0], (jax.random.key(0),)
@@ -66,11 +69,11 @@ def init_of(name: str):
     return init, (jax.random.key(0), jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM))
 
 
-@pytest.mark.parametrize("name", ["iql", "cql", "cal_ql", "famo2o", "reinflow", "ravl"])
+@pytest.mark.parametrize("name", ["iql", "cql", "cal_ql", "famo2o", "reinflow", "ravl", "morec"])
 def test_init_has_only_unbatched_qr(name):
     init, args = init_of(name)
     shapes = qr_operand_shapes(init, *args)
-    if name not in ("reinflow", "ravl"):  # the others use orthogonal init: the check must see it
+    if name not in ("reinflow", "ravl", "morec"):  # the others use orthogonal init: the check must see it
         assert shapes, "expected orthogonal init (QR) in the network init"
     assert all(len(s) == 2 for s in shapes), f"batched QR in {name}'s init: {shapes}"
 

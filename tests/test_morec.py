@@ -1,0 +1,213 @@
+"""MOREC: the filter's select and softmax choices, low-r_D transitions ending rollouts as terminals,
+MOPO's penalty over all members against hand-computed values, a learnt dynamics reward that ranks
+held-out real transitions above perturbed ones, and the command line: a run end to end, resume equal
+to an uninterrupted run on a reused model, and a bad --dynamics-path."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import only_run_dir, run_algorithm
+
+from common.data import UserError, load_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "algorithms"))
+import morec  # noqa: E402
+
+TINY = dict(hidden_dims=(32, 32), batch_size=64, eval_episodes=2, no_log=True,
+            rollouts_per_epoch=50, rollout_length=10, model_hidden_dims=(32, 32), model_max_epochs=3,
+            reward_hidden_dims=(32, 32), reward_iterations=20, reward_steps_per_iteration=10, reward_batch_size=64,
+            max_retain_snapshots=10, snapshot_interval=2, actor_lr_decay_steps=200, eval_every=50,
+            updates_per_epoch=100)  # fmt: skip
+TINY_FLAGS = []
+for k, v in TINY.items():
+    TINY_FLAGS += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(x) for x in np.atleast_1d(v)])
+
+
+def tiny_args(dataset, out, **kw):
+    return morec.Args(dataset=dataset, out_dir=str(out), **{**TINY, **kw})
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+# --- the filter -----------------------------------------------------------------------------------
+def test_select_picks_the_highest_dynamics_reward():
+    r_d = jnp.asarray(np.random.default_rng(0).normal(size=(10, 500)), jnp.float32)
+    pick = jax.jit(morec.choose_candidate, static_argnums=2)(r_d, jax.random.key(0), "select")
+    np.testing.assert_array_equal(pick, np.argmax(np.asarray(r_d), 0))
+
+
+def test_softmax_samples_at_softmax_of_r_d_over_the_temperature():
+    r_d = jnp.array([0.5, 0.6, 0.7, 0.45, 0.8])
+    n = 40_000
+    picks = jax.jit(lambda k: morec.choose_candidate(jnp.tile(r_d[:, None], (1, n)), k, "softmax", 0.1))(
+        jax.random.key(1)
+    )
+    freq = np.bincount(np.asarray(picks), minlength=5) / n
+    expected = np.exp(np.asarray(r_d) / 0.1) / np.exp(np.asarray(r_d) / 0.1).sum()
+    np.testing.assert_allclose(freq, expected, atol=0.01)  # 4 sigma at n = 40k is below 0.01
+    assert abs(freq[4] - expected[4]) < 0.01 and expected[4] > 0.5  # not the argmax: a spread over candidates
+
+
+# --- a hand-built model: known means and variances ------------------------------------------------
+def known_dynamics(obs_dim=3, action_dim=1, logvar_bias=(-19.0, -19.0, 2.0), elites=(0, 1), step=1.0, reward=0.5):
+    """Members with zero kernels: mean = (step on coordinate 0, ..., reward), logvar head = a bias per
+    member (through the soft bounds max 5, min -20). Inputs are not standardized away (std 1)."""
+    member = morec.DynamicsMember((8,), obs_dim + 1)
+    m = len(logvar_bias)
+    lv = jnp.zeros(obs_dim + 1)
+    init = jax.vmap(member.init, in_axes=(0, None, None, None))
+    shapes = jax.eval_shape(init, jax.random.split(jax.random.key(0), m), jnp.zeros((1, obs_dim + action_dim)), lv, lv)
+    params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    mean_bias = jnp.zeros(obs_dim + 1).at[0].set(step).at[-1].set(reward)
+    params["params"]["mean"]["bias"] = jnp.tile(mean_bias, (m, 1))
+    params["params"]["logvar"]["bias"] = jnp.tile(jnp.asarray(logvar_bias)[:, None], (1, obs_dim + 1))
+    z = jnp.zeros(obs_dim + action_dim)
+    dyn = morec.Dynamics(params, jnp.full(obs_dim + 1, 5.0), jnp.full(obs_dim + 1, -20.0), z, z + 1.0,
+                         jnp.asarray(elites, jnp.int32))  # fmt: skip
+    return member, dyn
+
+
+def soft_bounds(b, hi=5.0, lo=-20.0):
+    sp = lambda x: np.log1p(np.exp(x))  # noqa: E731
+    b = hi - sp(hi - b)
+    return lo + sp(b - lo)
+
+
+def filter_cfg(**kw):
+    return morec.Args(**{"samples_per_elite": 2, **kw})
+
+
+def test_mopo_penalty_hand_computed():
+    logvar = jnp.log(jnp.array([[[1.0, 4.0]], [[9.0, 16.0]], [[0.25, 0.25]]]))  # (M 3, n 1, 2)
+    np.testing.assert_allclose(morec.mopo_penalty(logvar), [5.0], rtol=1e-6)  # max(sqrt 5, 5, sqrt .5)
+    # In a model step: the penalty comes from member 2, which is not an elite (the official uses all 7).
+    member, dyn = known_dynamics()
+    obs, actions = jnp.zeros((4, 3)), jnp.zeros((4, 1))
+    never = lambda o, a, n: jnp.ones(n.shape[:-1])  # noqa: E731
+    step = jax.jit(lambda k: morec.model_step(member, dyn, obs, actions, k, morec.never_done, never, "select",
+                                              filter_cfg(), jnp.float32(0.3)))  # fmt: skip
+    next_obs, reward, done, info = step(jax.random.key(0))
+    penalty = np.sqrt(4 * np.exp(soft_bounds(2.0)))  # ||std||_2 over (s', r): 4 outputs of variance e^lv
+    np.testing.assert_allclose(info["penalty"], penalty, rtol=1e-4)
+    np.testing.assert_allclose(reward, 0.5 - 0.3 * penalty, rtol=1e-4)  # the elites' std is ~1e-4
+    np.testing.assert_allclose(next_obs[:, 0], 1.0, atol=1e-3)
+    assert not np.asarray(done).any()
+
+
+def test_low_dynamics_reward_ends_the_rollout_as_a_terminal():
+    """Coordinate 0 grows by 1 a step; r_D = 1 - 0.1 * next[0] falls below 0.6 once next[0] > 4: a
+    rollout from 0 ends at its 5th step (next[0] = 5), from 2 at its 3rd, from -3 at its 8th; with
+    --no-filter nothing ends."""
+    member, dyn = known_dynamics(logvar_bias=(-19.0, -19.0, -19.0))
+    start = jnp.zeros((3, 3)).at[:, 0].set(jnp.array([0.0, 2.0, -3.0]))
+    r_d = lambda o, a, n: 1.0 - 0.1 * n[..., 0]  # noqa: E731
+    policy = lambda obs, key: jnp.zeros((obs.shape[0], 1))  # noqa: E731
+
+    def run(mode):
+        step = lambda o, a, k: morec.model_step(member, dyn, o, a, k, morec.never_done, r_d, mode, filter_cfg(),  # noqa: E731
+                                                jnp.float32(0.0))  # fmt: skip
+        return jax.jit(lambda k: morec.generate_rollouts(policy, step, start, k, 10))(jax.random.key(0))
+
+    transitions, valid, info = run("select")
+    assert np.asarray(valid).sum(0).tolist() == [5, 3, 8]
+    buffer = jax.jit(morec.buffer_add)(morec.empty_buffer(40, 3, 1), transitions, valid)
+    assert int(buffer.size) == 16
+    masks, obs0 = np.asarray(buffer.data.masks[:16]), np.asarray(buffer.data.observations[:16, 0])
+    next0 = np.asarray(buffer.data.next_observations[:16, 0])
+    assert masks.sum() == 13 and set(np.round(next0[masks == 0], 2)) == {5.0}  # terminal exactly at next[0] = 5
+    assert np.round(obs0.max(), 2) == 4.0  # nothing stored from beyond a terminal
+    stats = jax.jit(morec.rollout_stats)(transitions, valid, info)
+    np.testing.assert_allclose(stats["filter/rejected_transitions"], 3 / 16, rtol=1e-5)
+    np.testing.assert_allclose(stats["rollout/mean_length"], 16 / 3, rtol=1e-5)
+    transitions, valid, info = run("none")
+    assert np.asarray(valid).all() and np.asarray(transitions.masks).all()
+    stats = jax.jit(morec.rollout_stats)(transitions, valid, info)
+    assert float(stats["filter/rejected_transitions"]) > 0.3  # what the filter would have rejected, logged
+
+
+# --- the learnt dynamics reward --------------------------------------------------------------------
+def auc(pos, neg):
+    """P(pos > neg) + P(tie) / 2, by ranks."""
+    scores = np.concatenate([pos, neg])
+    ranks = np.argsort(np.argsort(scores, kind="stable"), kind="stable").astype(float)
+    for v in np.unique(scores):  # average ranks of ties
+        ranks[scores == v] = ranks[scores == v].mean()
+    return (ranks[: len(pos)].sum() - len(pos) * (len(pos) - 1) / 2) / (len(pos) * len(neg))
+
+
+def test_dynamics_reward_ranks_real_transitions_above_perturbed_ones(pendulum_dataset):
+    data, _ = load_dataset(pendulum_dataset)
+    offline = morec.Transitions(data.observations, data.actions, data.rewards, data.next_observations,
+                                1.0 - data.terminals.astype(jnp.float32))  # fmt: skip
+    n = data.rewards.shape[0]
+    perm = np.random.default_rng(0).permutation(n)
+    train_rows, held = jnp.asarray(perm[1000:]), jnp.asarray(perm[:1000])
+    train = jax.tree_util.tree_map(lambda x: x[train_rows], offline)
+    test = jax.tree_util.tree_map(lambda x: np.asarray(x[held]), offline)
+    args = morec.Args(num_models=3, num_elites=2, model_hidden_dims=(32, 32), model_max_epochs=20,
+                      reward_hidden_dims=(64, 64), reward_iterations=60, reward_steps_per_iteration=25,
+                      reward_batch_size=128, max_retain_snapshots=30, snapshot_interval=3)  # fmt: skip
+    dynamics, _ = morec.train_dynamics(args, train, jax.random.key(0), log=quiet)
+    rm, info = morec.train_dynamics_reward(args, train, dynamics, jax.random.key(1), log=quiet)
+    assert info["snapshots"] == 10 and rm.learner_value.shape == (10,)
+    score = jax.jit(lambda o, a, s2: morec.dynamics_reward(morec.MLP((64, 64), 1), rm, o, a, s2))
+    delta = test.next_observations - test.observations
+    noise = np.random.default_rng(1).normal(size=delta.shape) * np.asarray(delta).std(0)
+    real = np.asarray(score(test.observations, test.actions, test.next_observations))
+    fake = np.asarray(score(test.observations, test.actions, test.next_observations + noise))
+    value = auc(real, fake)
+    assert value > 0.9, value  # measured: 0.99998
+    assert real.min() >= -np.log(1 - 1 / (1 + np.e)) - 1e-4 and real.max() <= -np.log(1 / (1 + np.e)) + 1e-4
+
+
+# --- the command line ----------------------------------------------------------------------------------
+def test_resume_equals_uninterrupted_run_on_a_reused_model(pendulum_dataset, tmp_path):
+    """Evaluations every 50 updates, epochs of 100: the cut at 150 falls inside an epoch, so the resumed
+    run continues on the checkpoint's model buffer (and the actor's schedule keeps its 200-step horizon)."""
+    ref = morec.train(tiny_args(pendulum_dataset, tmp_path / "ref", total_steps=200))
+    model = only_run_dir(tmp_path / "ref", "morec") / "dynamics.msgpack"
+    flags = dict(dynamics_path=str(model))
+    morec.train(tiny_args(pendulum_dataset, tmp_path / "cut", total_steps=150, **flags))
+    run_dir = only_run_dir(tmp_path / "cut", "morec")
+    resumed = morec.train(tiny_args(pendulum_dataset, tmp_path / "cut", total_steps=200, resume=str(run_dir), **flags))
+    strip = lambda r: [(e["step"], e["returns"], e["model_buffer"], e.get("rollouts")) for e in r["evaluations"]]  # noqa: E731
+    assert strip(resumed) == strip(ref) and len(ref["evaluations"]) == 4
+    assert [e.get("rollouts") is not None for e in ref["evaluations"]] == [True, False, True, False]
+    assert resumed["dynamics"]["source"] == str(model)
+    with pytest.raises(UserError, match="does not fit this run"):
+        morec.train(tiny_args(pendulum_dataset, tmp_path / "other", reward_hidden_dims=(16,), dynamics_path=str(model)))
+    assert not (tmp_path / "other").exists()
+
+
+def test_cli_end_to_end(pendulum_dataset, tmp_path):
+    flags = ["--dataset", pendulum_dataset, "--total-steps", "200", *TINY_FLAGS]
+    proc = run_algorithm("morec", *flags, "--out-dir", tmp_path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path, "morec")
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["finished"] and record["command"][0] == "algorithms/morec.py" and record["tier"] == "short"
+    assert [e["step"] for e in record["evaluations"]] == [50, 100, 150, 200]
+    assert record["dynamics"]["source"] == "trained" and record["dynamics"]["reward"]["snapshots"] == 5
+    assert record["presets"] == {"penalty_coef": 0.1, "filter": "select", "source": "its base values"}
+    assert (run_dir / "dynamics.msgpack").exists() and "filter select" in proc.stdout
+    rollouts = record["evaluations"][0]["rollouts"]
+    assert 1 <= rollouts["rollout/mean_length"] <= 10 and 0 <= rollouts["filter/rejected_candidates"] <= 1
+
+
+def test_bad_dynamics_path_is_one_line_and_leaves_no_folder(pendulum_dataset, tmp_path):
+    missing = tmp_path / "nope.msgpack"
+    proc = run_algorithm("morec", "--dataset", pendulum_dataset, "--dynamics-path", missing, "--out-dir",
+                         tmp_path / "runs", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --dynamics-path {missing}: no such file; give the dynamics.msgpack (or the run directory) of an "
+        "earlier MOREC run"
+    ]
