@@ -335,7 +335,8 @@ def test_command_line_run_writes_record_and_checkpoint(short_run):
     assert cfg["context_len"] == K and cfg["embed_dim"] == 32 and cfg["num_layers"] == 1
     assert cfg["target_return"] == 100.0 and cfg["rtg_scale"] == 1000.0  # dataset max; locomotion scale
     assert cfg["eval_episodes"] == 5 and cfg["max_ep_len"] == 100  # config.json saves the resolved values
-    assert json.loads((short_run.run_dir / "config.json").read_text()) == cfg
+    config = json.loads((short_run.run_dir / "config.json").read_text())  # the record leaves out this machine's paths
+    assert {k: v for k, v in config.items() if k not in ("out_dir", "resume")} == cfg
     assert (short_run.run_dir / "checkpoint.msgpack").exists()
 
 
