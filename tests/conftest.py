@@ -15,6 +15,7 @@ _TMP = Path(tempfile.mkdtemp(prefix="jaxorl-tests-"))
 os.environ["MINARI_DATASETS_PATH"] = str(_TMP / "minari")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_TMP / "jax-cache"))
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # two test workers may share one GPU
 os.environ["TMPDIR"] = str(_TMP / "tmp")  # gymnasium-robotics writes a maze XML here per env build
 (_TMP / "tmp").mkdir()
 tempfile.tempdir = None  # re-read TMPDIR
