@@ -452,10 +452,10 @@ def make_train_chunk(update, batch_size: int, num_updates: int):
     return jax.jit(vmapped, donate_argnums=(0,))
 
 
-def beta_spread(balance_beta, states: TrainState, obs: jax.Array, hp: Hyper) -> dict:
-    """The balance model's deterministic beta on fixed dataset states, per seed: does it choose
-    different balances for different states?"""
-    betas = np.asarray(jax.jit(jax.vmap(balance_beta, in_axes=(0, None, None)))(states.balance, obs, hp))
+def beta_spread(betas_of, states: TrainState, obs: jax.Array, hp: Hyper) -> dict:
+    """The balance model's deterministic beta on fixed dataset states, per seed (`betas_of`: the jitted
+    balance_beta vmapped over seeds): does it choose different balances for different states?"""
+    betas = np.asarray(betas_of(states.balance, obs, hp))
     quantiles = np.percentile(betas, [5, 50, 95], axis=1)
     stats = {"mean": betas.mean(1), "std": betas.std(1), "min": betas.min(1), "p5": quantiles[0],
              "p50": quantiles[1], "p95": quantiles[2], "max": betas.max(1)}  # fmt: skip
@@ -573,10 +573,11 @@ def train(args: Args) -> dict:
         return jax.vmap(lambda p, o: act(p, o, rng, True, hp))(params, obs), carry
 
     beta_obs = data.observations[:: max(1, meta.size // BETA_STATES)][:BETA_STATES]
+    betas_of = jax.jit(jax.vmap(balance_beta, in_axes=(0, None, None)))  # built once: compiled once
 
     def evaluate_all(states, step, phase):
         result = evaluate(meta, policy, (states.actor, states.balance), num_episodes=args.eval_episodes, seed=args.seed)
-        spread = beta_spread(balance_beta, states, beta_obs, hp)
+        spread = beta_spread(betas_of, states, beta_obs, hp)
         logger.evaluation(step, result, phase=phase, extra={"beta": spread})
         x = args.total_steps + step if phase == "online" else step
         logger.scalars(x, {"beta/state_mean": np.mean(spread["mean"]), "beta/state_std": np.mean(spread["std"])})
