@@ -59,6 +59,12 @@ class Args:
     """a run directory to continue from its own config and checkpoint"""
     debug: bool = False
     """show the Python traceback of an error instead of one line"""
+    capture_video: bool = False
+    """at each evaluation, render episode 0 of the first seed to RUN_DIR/videos/ (MP4) and tensorboard"""
+    track: bool = False
+    """also send the scalars, config and videos to Weights & Biases (pip install -e '.[track]')"""
+    eval_only: str | None = None
+    """evaluate the policy of this run directory (its config and checkpoint) without training"""
     # --- Training ---
     total_steps: int = 1_000_000
     """gradient updates (CORL's 1M)"""
@@ -241,6 +247,8 @@ def train(args: Args) -> dict:
     def policy(states, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
         return jax.vmap(act)(states, obs), carry
 
+    if args.eval_only:
+        return logger.loaded(policy, states)
     t0, start = time.time(), step
     logger.progress(args.total_steps, initial=step)
     chunks: dict[int, object] = {}
@@ -256,7 +264,8 @@ def train(args: Args) -> dict:
         step += n
         logger.advance(n, bc_loss=float(np.mean(metrics["bc_loss"])))
         logger.metrics(step, metrics)
-        result = evaluate(meta, policy, states, num_episodes=args.eval_episodes, seed=args.seed)
+        result = evaluate(meta, policy, states, num_episodes=args.eval_episodes, seed=args.seed,
+                          video=logger.video(step))  # fmt: skip
         logger.evaluation(step, result, "offline")
         logger.save_checkpoint(states, step, keys, "offline")
     record = logger.close()

@@ -80,6 +80,12 @@ class Args:
     """a run directory to continue from its checkpoint, with its own config"""
     debug: bool = False
     """show the Python traceback of an error instead of one line"""
+    capture_video: bool = False
+    """at each evaluation, render episode 0 of the first seed to RUN_DIR/videos/ (MP4) and tensorboard"""
+    track: bool = False
+    """also send the scalars, config and videos to Weights & Biases (pip install -e '.[track]')"""
+    eval_only: str | None = None
+    """evaluate the policy of this run directory (its config and checkpoint) without training"""
     # --- Training ---
     total_steps: int = 1_000_000
     """offline gradient updates (the paper's 1M on AntMaze)"""
@@ -684,7 +690,8 @@ def online_phase(args, meta, states, keys, offline, update, act, hp, logger, pol
         if t % args.eval_every == 0 or t == args.online_steps:
             logger.metrics(args.total_steps + t * args.utd_ratio, metrics)
             params = (states.params["actor"], states.obs_mean, states.obs_std)
-            result = evaluate(meta, policy, params, num_episodes=args.eval_episodes, seed=args.seed)
+            result = evaluate(meta, policy, params, num_episodes=args.eval_episodes, seed=args.seed,
+                              video=logger.video(t, "online"))  # fmt: skip
             logger.evaluation(t, result, phase="online")
             filled = int(n_online.max())
             online = {"buffer": Batch(*(x[:, :filled] for x in buf)), "n_online": n_online}
@@ -738,6 +745,8 @@ def train(args: Args) -> dict:
     def policy(params, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
         return jax.vmap(lambda p, m, sd, o: act(p, m, sd, o, rng, True))(*params, obs), carry
 
+    if args.eval_only:
+        return logger.loaded(policy, (states.params["actor"], states.obs_mean, states.obs_std))
     t0 = time.time()
     if phase == "offline" and step < args.total_steps:
         logger.progress(args.total_steps, initial=step, desc="offline")
@@ -755,7 +764,8 @@ def train(args: Args) -> dict:
             logger.advance(n)
             logger.metrics(step, metrics)
             params = (states.params["actor"], states.obs_mean, states.obs_std)
-            result = evaluate(meta, policy, params, num_episodes=args.eval_episodes, seed=args.seed)
+            result = evaluate(meta, policy, params, num_episodes=args.eval_episodes, seed=args.seed,
+                              video=logger.video(step))  # fmt: skip
             logger.evaluation(step, result, phase="offline")
             logger.save_checkpoint(states, step, keys, "offline")
         print(f"offline: {args.total_steps} updates ({time.time() - t0:.0f} s in this session), "

@@ -61,6 +61,12 @@ class Args:
     """a run directory to continue from its checkpoint, with its own config"""
     debug: bool = False
     """show the Python traceback of an error instead of one line"""
+    capture_video: bool = False
+    """at each evaluation, render episode 0 of the first seed to RUN_DIR/videos/ (MP4) and tensorboard"""
+    track: bool = False
+    """also send the scalars, config and videos to Weights & Biases (pip install -e '.[track]')"""
+    eval_only: str | None = None
+    """evaluate the policy of this run directory (its config and checkpoint) without training"""
     # --- Training ---
     total_steps: int = 1_000_000
     """offline gradient updates (the paper's 1M)"""
@@ -519,6 +525,8 @@ def train(args: Args) -> dict:
     def policy(params, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
         return jax.vmap(lambda p, m, sd, o: act(p, m, sd, o, rng, True))(*params, obs), carry
 
+    if args.eval_only:
+        return logger.loaded(policy, (states.params["actor"], states.obs_mean, states.obs_std))
     t0 = time.time()
     logger.progress(args.total_steps, initial=step, desc="offline")
     chunks: dict[int, object] = {}
@@ -535,7 +543,8 @@ def train(args: Args) -> dict:
         logger.advance(n)
         logger.metrics(step, metrics)
         params = (states.params["actor"], states.obs_mean, states.obs_std)
-        result = evaluate(meta, policy, params, num_episodes=args.eval_episodes, seed=args.seed)
+        result = evaluate(meta, policy, params, num_episodes=args.eval_episodes, seed=args.seed,
+                          video=logger.video(step))  # fmt: skip
         logger.evaluation(step, result, phase="offline")
         logger.save_checkpoint(states, step, keys, "offline")
     record = logger.close()

@@ -68,6 +68,12 @@ class Args:
     """a run directory to continue from its checkpoint, with its own config (flags may only extend the budget)"""
     debug: bool = False
     """show the Python traceback of an error instead of one line"""
+    capture_video: bool = False
+    """at each evaluation, render episode 0 of the first seed to RUN_DIR/videos/ (MP4) and tensorboard"""
+    track: bool = False
+    """also send the scalars, config and videos to Weights & Biases (pip install -e '.[track]')"""
+    eval_only: str | None = None
+    """evaluate the policy of this run directory (its config and checkpoint) without training"""
     # --- Training ---
     total_steps: int = 100_000
     """gradient updates (the official 10 iterations x 10k)"""
@@ -491,6 +497,8 @@ def train(args: Args) -> dict:
         args.num_seeds, args.eval_episodes, args.context_len, meta.obs_dim, meta.action_dim,
         args.target_return, args.rtg_scale,
     )  # fmt: skip
+    if args.eval_only:
+        return logger.loaded(policy, states.params, context)
     t0 = time.time()
     logger.progress(args.total_steps, initial=step, desc="offline")
     chunks: dict[int, object] = {}
@@ -506,7 +514,8 @@ def train(args: Args) -> dict:
         step += n
         logger.advance(n)
         logger.metrics(step, metrics)
-        result = evaluate(meta, policy, states.params, num_episodes=args.eval_episodes, seed=args.seed, carry=context)
+        result = evaluate(meta, policy, states.params, num_episodes=args.eval_episodes, seed=args.seed, carry=context,
+                          video=logger.video(step))  # fmt: skip
         logger.evaluation(step, result, phase="offline")
         logger.save_checkpoint(states, step, keys, "offline")
     record = logger.close()

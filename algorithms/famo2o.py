@@ -62,6 +62,12 @@ class Args:
     """a run directory to continue from its checkpoint, with its own config (flags may only extend the budget)"""
     debug: bool = False
     """show the Python traceback of an error instead of one line"""
+    capture_video: bool = False
+    """at each evaluation, render episode 0 of the first seed to RUN_DIR/videos/ (MP4) and tensorboard"""
+    track: bool = False
+    """also send the scalars, config and videos to Weights & Biases (pip install -e '.[track]')"""
+    eval_only: str | None = None
+    """evaluate the policy of this run directory (its config and checkpoint) without training"""
     # --- Training ---
     total_steps: int = 1_000_000
     """offline gradient updates (the paper's 1M)"""
@@ -572,11 +578,14 @@ def train(args: Args) -> dict:
     def policy(params, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
         return jax.vmap(lambda p, o: act(p, o, rng, True, hp))(params, obs), carry
 
+    if args.eval_only:
+        return logger.loaded(policy, (states.actor, states.balance))
     beta_obs = data.observations[:: max(1, meta.size // BETA_STATES)][:BETA_STATES]
     betas_of = jax.jit(jax.vmap(balance_beta, in_axes=(0, None, None)))  # built once: compiled once
 
     def evaluate_all(states, step, phase):
-        result = evaluate(meta, policy, (states.actor, states.balance), num_episodes=args.eval_episodes, seed=args.seed)
+        result = evaluate(meta, policy, (states.actor, states.balance), num_episodes=args.eval_episodes,
+                          seed=args.seed, video=logger.video(step, phase))  # fmt: skip
         spread = beta_spread(betas_of, states, beta_obs, hp)
         logger.evaluation(step, result, phase=phase, extra={"beta": spread})
         x = args.total_steps + step if phase == "online" else step

@@ -52,6 +52,12 @@ class Args:
     """a run directory to continue from its checkpoint, with its own config (flags may only extend the budget)"""
     debug: bool = False
     """show the Python traceback of an error instead of one line"""
+    capture_video: bool = False
+    """at each evaluation, render episode 0 of the first seed to RUN_DIR/videos/ (MP4) and tensorboard"""
+    track: bool = False
+    """also send the scalars, config and videos to Weights & Biases (pip install -e '.[track]')"""
+    eval_only: str | None = None
+    """evaluate the policy of this run directory (its config and checkpoint) without training"""
     # --- Training ---
     total_steps: int = 1_000_000
     """offline gradient updates (the paper's 1M)"""
@@ -397,7 +403,8 @@ def online_phase(args, meta, states, keys, offline: Batch, update, act, hp, logg
             if bad:
                 logger.stop_nonfinite(bad, " in online training")
             logger.metrics(args.total_steps + t, metrics)
-            result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed)
+            result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed,
+                              video=logger.video(t, "online"))  # fmt: skip
             logger.evaluation(t, result, phase="online")
             online = Batch(*(b[:, :t] for b in buf))
             host = {**envs.state(), "next_actions": actions}
@@ -442,6 +449,8 @@ def train(args: Args) -> dict:
     def policy(actor_params, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
         return jax.vmap(lambda p, o: act(p, o, rng, True))(actor_params, obs), carry
 
+    if args.eval_only:
+        return logger.loaded(policy, states.actor)
     t0 = time.time()
     if phase == "offline" and step < args.total_steps:
         logger.progress(args.total_steps, initial=step, desc="offline")
@@ -458,7 +467,8 @@ def train(args: Args) -> dict:
             step += n
             logger.advance(n)
             logger.metrics(step, metrics)
-            result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed)
+            result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed,
+                              video=logger.video(step))  # fmt: skip
             logger.evaluation(step, result, phase="offline")
             logger.save_checkpoint(states, step, keys, "offline")
         print(f"offline: {args.total_steps} updates in {time.time() - t0:.0f} s, "

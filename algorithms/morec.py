@@ -92,6 +92,12 @@ class Args:
     """a run directory to continue from its checkpoint, with its own config (flags may only extend the budget)"""
     debug: bool = False
     """show the Python traceback of an error instead of one line"""
+    capture_video: bool = False
+    """at each evaluation, render episode 0 of the first seed to RUN_DIR/videos/ (MP4) and tensorboard"""
+    track: bool = False
+    """also send the scalars, config and videos to Weights & Biases (pip install -e '.[track]')"""
+    eval_only: str | None = None
+    """evaluate the policy of this run directory (its config and checkpoint) without training"""
     # --- Training ---
     total_steps: int = 3_000_000
     """agent updates (the paper's 3000 epochs x 1000)"""
@@ -912,6 +918,8 @@ def train(args: Args) -> dict:
     def policy(actor_params, carry, obs, prev_reward, rng):
         return jax.vmap(lambda p, o: act(p, o, rng, True))(actor_params, obs), carry
 
+    if args.eval_only:
+        return logger.loaded(policy, states.actor)
     rollouts = make_rollouts(args, sample_action, member, disc, done_fn, mode)
     penalty = jnp.float32(args.penalty_coef)
     n_real = int(args.real_ratio * args.batch_size)
@@ -940,7 +948,8 @@ def train(args: Args) -> dict:
         if bad:
             logger.stop_nonfinite(bad)
         logger.metrics(step, metrics)
-        result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed)
+        result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed,
+                          video=logger.video(step))  # fmt: skip
         extra = {"model_buffer": buffer_summary(buffers)}
         if rounds:  # the rollout rounds since the last evaluation
             extra["rollouts"] = {k: round(float(np.mean([r[k] for r in rounds])), 4) for k in rounds[0]}

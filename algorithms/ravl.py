@@ -86,6 +86,12 @@ class Args:
     """a run directory to continue from its checkpoint, with its own config (flags may only extend the budget)"""
     debug: bool = False
     """show the Python traceback of an error instead of one line"""
+    capture_video: bool = False
+    """at each evaluation, render episode 0 of the first seed to RUN_DIR/videos/ (MP4) and tensorboard"""
+    track: bool = False
+    """also send the scalars, config and videos to Weights & Biases (pip install -e '.[track]')"""
+    eval_only: str | None = None
+    """evaluate the policy of this run directory (its config and checkpoint) without training"""
     # --- Training ---
     total_steps: int = 3_000_000
     """agent updates (the paper's 3000 epochs x 1000)"""
@@ -845,6 +851,8 @@ def train(args: Args) -> dict:
     def policy(actor_params, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
         return jax.vmap(lambda p, o: act(p, o, rng, True))(actor_params, obs), carry
 
+    if args.eval_only:
+        return logger.loaded(policy, states.actor)
     if sim is None:
         rollouts = make_model_rollouts(sample_action, member, done_fn, num, k)
     else:
@@ -872,7 +880,8 @@ def train(args: Args) -> dict:
         if bad:
             logger.stop_nonfinite(bad)
         logger.metrics(step, metrics)
-        result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed)
+        result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed,
+                          video=logger.video(step))  # fmt: skip
         logger.evaluation(step, result, phase="offline", extra={"model_buffer": buffer_summary(buffers)})
         logger.save_checkpoint(states, step, keys, "offline", online=buffers)
     record = logger.close()

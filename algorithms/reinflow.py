@@ -88,6 +88,12 @@ class Args:
     """a run directory to continue from its checkpoint, with its own config (flags may only extend the budget)"""
     debug: bool = False
     """show the Python traceback of an error instead of one line"""
+    capture_video: bool = False
+    """at each evaluation, render episode 0 of the first seed to RUN_DIR/videos/ (MP4) and tensorboard"""
+    track: bool = False
+    """also send the scalars, config and videos to Weights & Biases (pip install -e '.[track]')"""
+    eval_only: str | None = None
+    """evaluate the policy of this run directory (its config and checkpoint) without training"""
     # --- Training ---
     total_steps: int = 300_000
     """flow-matching pre-training updates (~ the official hopper checkpoint: 40 epochs of 1M transitions, batch 128)"""
@@ -816,11 +822,16 @@ def train(args: Args) -> dict:
         chunk = jax.lax.cond(t % Ta == 0, new_chunk, lambda _: chunk, None)
         return chunk[:, :, t % Ta], (chunk, t + 1)
 
+    carry = (jnp.zeros((args.num_seeds, args.eval_episodes, Ta, meta.action_dim)), jnp.int32(0))
+
     def evaluate_all(states, step, phase, extra=None):
-        carry = (jnp.zeros((args.num_seeds, args.eval_episodes, Ta, meta.action_dim)), jnp.int32(0))
         velocity = states.ema if phase == "offline" else states.velocity  # fine-tuning starts from the EMA
-        result = evaluate(meta, policy, velocity, num_episodes=args.eval_episodes, seed=args.seed, carry=carry)
+        result = evaluate(meta, policy, velocity, num_episodes=args.eval_episodes, seed=args.seed, carry=carry,
+                          video=logger.video(step, phase))  # fmt: skip
         logger.evaluation(step, result, phase=phase, extra=extra)
+
+    if args.eval_only:
+        return logger.loaded(policy, states.ema if phase == "offline" else states.velocity, carry)
 
     t0 = time.time()
     if phase == "offline" and step < args.total_steps:

@@ -7,12 +7,19 @@ per environment step.
 `policy(params, carry, obs, prev_reward, rng) -> (actions, carry)` sees obs of shape
 (num_seeds, num_episodes, obs_dim) and params stacked over seeds; build it with `jax.vmap` and jit
 it. Episode j of every seed resets with `seed + j`, so all seeds face the same start states.
+
+`video=PATH` also renders the first episode of the first seed (MuJoCo's offscreen renderer,
+headless through MUJOCO_GL=egl or osmesa) into an MP4 at PATH; the scores are the same with or
+without it. Where nothing can render or encode, it says so once and the evaluation goes on.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import gymnasium as gym
@@ -28,6 +35,8 @@ class EvalResult(NamedTuple):
     lengths: np.ndarray  # (num_seeds, num_episodes)
     success: np.ndarray | None  # (num_seeds, num_episodes) bool: goal reached at least once; None if no such info
     seconds: float = 0.0  # wall time of the whole evaluation (env creation to the last step)
+    video: str | None = None  # the MP4 of episode 0 of seed 0, when one was asked for and written
+    thumbnail: list | None = None  # a few of its frames, downsampled (uint8 HxWx3), for tensorboard
 
 
 # Evaluation episodes per seed where --eval-episodes is not given: as the papers evaluate (10 on
@@ -52,13 +61,20 @@ def evaluate(
     seed: int,
     carry: Any = None,
     rng: jax.Array | None = None,
+    video: str | Path | None = None,
 ) -> EvalResult:
     t0 = time.perf_counter()
     num_seeds = num_seeds_of(params)
     n = num_seeds * num_episodes
-    envs = gym.vector.SyncVectorEnv([meta.make_env for _ in range(n)])
+    recorder = VideoRecorder.open(meta, video) if video is not None else None
+    makers = [meta.make_env for _ in range(n)]
+    if recorder is not None:
+        makers[0] = recorder.make_env
+    envs = gym.vector.SyncVectorEnv(makers)
     try:
         obs, _ = envs.reset(seed=[seed + j for _ in range(num_seeds) for j in range(num_episodes)])
+        if recorder is not None:
+            recorder.capture(envs.envs[0])
         rng = jax.random.key(seed) if rng is None else rng
         returns, lengths = np.zeros(n), np.zeros(n, np.int64)
         done, success = np.zeros(n, bool), np.zeros(n, bool)
@@ -77,10 +93,15 @@ def evaluate(
             if "success" in info:
                 has_success = True
                 success |= alive & np.asarray(info["success"], bool)
+            if recorder is not None and not done[0]:
+                recorder.capture(envs.envs[0])
             done |= term | trunc
             prev_reward = np.asarray(reward, np.float32).reshape(num_seeds, num_episodes)
+        written = recorder.finish() if recorder is not None else None
     finally:
         envs.close()
+        if recorder is not None:
+            recorder.abort()
     shape = (num_seeds, num_episodes)
     return EvalResult(
         returns.reshape(shape),
@@ -88,7 +109,124 @@ def evaluate(
         lengths.reshape(shape),
         success.reshape(shape) if has_success else None,
         time.perf_counter() - t0,
+        written,
+        recorder.thumbnail() if written else None,
     )
+
+
+# --- Video ------------------------------------------------------------------------------------
+VIDEO_SIZE = 256  # pixels, square: even sizes as H.264's yuv420p needs
+_video_off: str | None = None  # why videos cannot be made in this process (said once)
+
+
+def video_unavailable(reason: str) -> None:
+    global _video_off
+    if _video_off is None:
+        print(f"warning: no video ({reason}); the run continues without video", file=sys.stderr, flush=True)
+    _video_off = reason
+
+
+def headless_gl() -> None:
+    """Choose MuJoCo's headless renderer before MuJoCo is imported, unless the user chose one or
+    there is a display: EGL, else OSMesa, whichever library the system has (MuJoCo fails at import
+    when the chosen one is missing, so none is chosen then and rendering fails with its message)."""
+    if "MUJOCO_GL" in os.environ or os.environ.get("DISPLAY"):
+        return
+    import ctypes.util
+
+    for backend, library in (("egl", "EGL"), ("osmesa", "OSMesa")):
+        if ctypes.util.find_library(library):
+            os.environ["MUJOCO_GL"] = backend
+            os.environ.setdefault("PYOPENGL_PLATFORM", backend)
+            return
+
+
+class VideoRecorder:
+    """Streams rendered frames into an MP4 (PyAV, H.264) written atomically at `path`; keeps every
+    4th frame at 64 pixels for a tensorboard thumbnail."""
+
+    def __init__(self, meta: Meta, path: Path, av):
+        self.meta, self.path, self.av = meta, Path(path), av
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.container = self.stream = None
+        self.frames, self.small = 0, []
+
+    @classmethod
+    def open(cls, meta: Meta, path) -> VideoRecorder | None:
+        if _video_off is not None:
+            return None
+        try:
+            import av
+        except ImportError:
+            video_unavailable("PyAV is not installed: pip install -e '.[video]'")
+            return None
+        return cls(meta, path, av)
+
+    def make_env(self) -> gym.Env:
+        try:
+            try:
+                return self.meta.make_env(render_mode="rgb_array", width=VIDEO_SIZE, height=VIDEO_SIZE)
+            except TypeError:  # an environment without width/height arguments
+                return self.meta.make_env(render_mode="rgb_array")
+        except Exception as e:
+            self.failed(e)
+            return self.meta.make_env()
+
+    def failed(self, e: Exception) -> None:
+        """No GL context, no display, an encoder missing: say so once, go on without video."""
+        first = (str(e).strip().splitlines() or [""])[0]
+        video_unavailable(
+            f"{type(e).__name__}: {first}; headless rendering needs MUJOCO_GL=egl (or osmesa) and "
+            "the system's EGL (or OSMesa) library, e.g. apt-get install libegl1 libgl1-mesa-dri"
+        )
+        self.abort()
+
+    def capture(self, env: gym.Env) -> None:
+        if self.tmp is None:
+            return
+        try:
+            frame = np.asarray(env.render(), np.uint8)
+            if self.container is None:
+                h, w = frame.shape[0] // 2 * 2, frame.shape[1] // 2 * 2
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.container = self.av.open(str(self.tmp), mode="w", format="mp4")
+                fps = int(round(env.metadata.get("render_fps") or 30))
+                self.stream = self.container.add_stream("h264", rate=fps)
+                self.stream.width, self.stream.height, self.stream.pix_fmt = w, h, "yuv420p"
+            frame = np.ascontiguousarray(frame[: self.stream.height, : self.stream.width])
+            picture = self.av.VideoFrame.from_ndarray(frame, format="rgb24")
+            self.container.mux(self.stream.encode(picture))
+            if self.frames % 4 == 0:
+                step = max(1, frame.shape[0] // 64)
+                self.small.append(frame[::step, ::step])
+            self.frames += 1
+        except Exception as e:
+            self.failed(e)
+
+    def finish(self) -> str | None:
+        if self.container is None or self.tmp is None:
+            return None
+        self.container.mux(self.stream.encode())  # flush the encoder
+        self.container.close()
+        self.container = None
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+        return str(self.path)
+
+    def abort(self) -> None:
+        """Drop an unfinished video (an error, an interrupted evaluation): no torn file is left."""
+        if self.container is not None:
+            try:
+                self.container.close()
+            except Exception:
+                pass
+            self.container = None
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+
+    def thumbnail(self) -> list:
+        return self.small[:: max(1, len(self.small) // 50)]
 
 
 class OnlineEnvs:

@@ -3,6 +3,7 @@ checkpoints and the run record.
 
     runs/<algo>/<dataset id, / as ->__<YYYYmmdd-HHMMSS>-<pid>/
         config.json  events.out.tfevents.*  record.json  checkpoint.msgpack
+        videos/step_<N>.mp4 (--capture-video)  wandb/ (--track)  eval_only/ (--eval-only)
 
 A run directory is a contract:
 - `--resume RUN_DIR` alone continues the run from its own config.json. Flags given with it may only
@@ -18,7 +19,17 @@ A run directory is a contract:
 - Bad input (flags, ids, data, paths): one line on stderr, exit code 1 (2 for flags tyro rejects),
   no traceback (`--debug` shows it), and no run folder for a run that never started.
 
-An algorithm file ends with `cli(Args, train)`; `train(args)` opens `RunLogger(algo, args, meta, ...)`.
+Watching and loading a run:
+- `--capture-video`: at each evaluation, episode 0 of the first seed as videos/step_<N>.mp4
+  (online_step_<N>.mp4 in an online phase), and a thumbnail of it in tensorboard.
+- `--track`: the same scalars, the config and the videos also go to Weights & Biases (the `track`
+  extra; `WANDB_PROJECT` names the project, jaxorl by default; `WANDB_MODE=offline` works offline).
+- `--eval-only RUN_DIR`: rebuild the run's evaluation policy from its config.json and checkpoint,
+  evaluate it (`--eval-episodes`, `--seed` and `--capture-video` apply) and write the result to
+  RUN_DIR/eval_only/; nothing else changes. `load_policy(RUN_DIR)` returns the same policy to code.
+
+An algorithm file ends with `cli(Args, train)`; `train(args)` opens `RunLogger(algo, args, meta, ...)`
+and, right after restoring a checkpoint, returns `logger.loaded(policy, params)` under `--eval-only`.
 """
 
 from __future__ import annotations
@@ -38,11 +49,12 @@ from flax import serialization
 from tqdm.auto import tqdm
 
 from common.data import REPO_ROOT, Meta, UserError
-from common.evaluation import EvalResult
+from common.evaluation import EvalResult, evaluate, headless_gl
 
 CONFIG, RECORD, CHECKPOINT = "config.json", "record.json", "checkpoint.msgpack"
 BUDGET_FLAGS = ("total_steps", "online_steps")  # may grow on --resume
-LOGGING_FLAGS = ("no_log", "debug", "resume")  # may change on --resume
+LOGGING_FLAGS = ("no_log", "debug", "resume", "capture_video", "track", "eval_only")  # may change on --resume
+EVAL_ONLY_FLAGS = ("eval_episodes", "seed", "capture_video", "no_log", "debug", "track")  # may differ on --eval-only
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -66,9 +78,13 @@ def cli(args_type: type, train, validate=None) -> None:
 
     args = tyro.cli(args_type, args=argv)
     try:
+        if getattr(args, "capture_video", False):
+            headless_gl()  # before MuJoCo is imported
         args = prepare(args_type, args, argv, validate)
         if args is not None:
-            train(args)
+            out = train(args)
+            if getattr(args, "eval_only", None):
+                report_eval_only(out, args)
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint (if any) is in the run directory", file=sys.stderr)
         sys.exit(130)
@@ -89,9 +105,18 @@ def describe(e: BaseException) -> str:
 
 
 def prepare(args_type: type, args: Any, argv: list[str], validate=None) -> Any | None:
-    """The args a run starts from: the run's own config on `--resume` (None when it is finished),
-    checked flag by flag, with the output folder writable."""
-    if getattr(args, "resume", None):
+    """The args a run starts from: the run's own config on `--resume` (None when it is finished)
+    or `--eval-only`, checked flag by flag, with the output folder writable."""
+    if getattr(args, "track", False):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--track needs wandb: pip install -e '.[track]'") from None
+    if getattr(args, "eval_only", None):
+        if args.resume:
+            raise UserError("--eval-only evaluates a run, --resume continues it: give one of them")
+        args = eval_only_args(args_type, args, argv)
+    elif getattr(args, "resume", None):
         args = resume_args(args_type, args, argv)
         if args is None:
             return None
@@ -170,26 +195,26 @@ class RunFiles(NamedTuple):
     raw: dict  # the checkpoint, as msgpack restored it
 
 
-def read_run(run_dir: Path) -> RunFiles:
+def read_run(run_dir: Path, what: str = "--resume") -> RunFiles:
     """A run directory's config, checkpoint and record, or one clear error saying what is wrong."""
-    hint = "give --resume the folder a run printed on its first line"
+    hint = f"give {what} the folder a run printed on its first line"
     if not run_dir.is_dir():
-        raise UserError(f"--resume {run_dir}: no such folder; {hint}")
+        raise UserError(f"{what} {run_dir}: no such folder; {hint}")
     missing = [n for n in (CONFIG, CHECKPOINT) if not (run_dir / n).exists()]
     if missing:
-        raise UserError(f"--resume {run_dir}: not a run directory (no {' or '.join(missing)}); {hint}")
+        raise UserError(f"{what} {run_dir}: not a run directory (no {' or '.join(missing)}); {hint}")
     try:
         config = json.loads((run_dir / CONFIG).read_text())
         assert isinstance(config, dict)
     except (ValueError, AssertionError, UnicodeDecodeError) as e:
-        raise UserError(f"--resume {run_dir}: {CONFIG} is not a run config ({type(e).__name__})") from None
+        raise UserError(f"{what} {run_dir}: {CONFIG} is not a run config ({type(e).__name__})") from None
     try:
         raw = serialization.msgpack_restore((run_dir / CHECKPOINT).read_bytes())
         step, phase = int(raw["step"]), str(raw["phase"])
     except Exception as e:
         raise UserError(
-            f"--resume {run_dir}: {CHECKPOINT} is truncated or corrupt ({type(e).__name__}); "
-            "it cannot be resumed, start a new run"
+            f"{what} {run_dir}: {CHECKPOINT} is truncated or corrupt ({type(e).__name__}); "
+            f"it cannot be {'resumed, start a new run' if what == '--resume' else 'loaded'}"
         ) from None
     if "record" in raw:
         record = json.loads(raw["record"])
@@ -198,8 +223,35 @@ def read_run(run_dir: Path) -> RunFiles:
             record = json.loads((run_dir / RECORD).read_text())
             assert isinstance(record, dict) and "evaluations" in record
         except (OSError, ValueError, AssertionError) as e:
-            raise UserError(f"--resume {run_dir}: no readable run record ({type(e).__name__})") from None
+            raise UserError(f"{what} {run_dir}: no readable run record ({type(e).__name__})") from None
     return RunFiles(config, record, step, phase, raw)
+
+
+def eval_only_args(args_type: type, args: Any, argv: list[str]) -> Any:
+    """`--eval-only RUN_DIR`: the run's own config, with the evaluation flags the command line
+    gives (episodes, seed, video); any other flag that differs is refused. Its checkpoint is then
+    restored as on `--resume`, and `train` returns the policy instead of training."""
+    run_dir = Path(args.eval_only)
+    run = read_run(run_dir, "--eval-only")
+    algo = Path(command_name()).stem
+    if run.record.get("algorithm") not in (None, algo) and algo in ALGORITHM_FILES:
+        raise UserError(f"--eval-only {run_dir}: a {run.record['algorithm']} run, not {algo}: use its own file")
+    fields = {f.name for f in dataclasses.fields(args_type)}
+    given, values = given_flags(args_type, argv), {}
+    for name in fields:
+        ours = getattr(args, name)
+        theirs = from_json(run.config[name]) if name in run.config else ours
+        if name in ("capture_video", "no_log", "debug") or (name in given and name in EVAL_ONLY_FLAGS):
+            values[name] = ours  # what this command asks for, never the run's video or logging choices
+        elif name in given and name != "eval_only" and as_json(ours) != as_json(theirs):
+            raise UserError(
+                f"{flag(name)} {as_json(ours)} differs from the run's {as_json(theirs)}: --eval-only takes the run's "
+                f"config and changes only {', '.join(flag(n) for n in EVAL_ONLY_FLAGS[:3])}"
+            )
+        else:
+            values[name] = theirs
+    values.update(eval_only=str(run_dir), resume=str(run_dir), track=False)
+    return args_type(**{k: v for k, v in values.items() if k in fields})
 
 
 def resume_args(args_type: type, args: Any, argv: list[str]) -> Any | None:
@@ -276,7 +328,7 @@ def command_name() -> str:
         return sys.argv[0]
 
 
-MACHINE_FLAGS = ("out_dir", "resume")  # paths of the machine that ran it: kept out of records
+MACHINE_FLAGS = ("out_dir", "resume", "eval_only")  # paths of the machine that ran it: kept out of records
 
 
 def portable_flags(argv: list[str]) -> list[str]:
@@ -334,18 +386,21 @@ class RunLogger:
         # The record travels (results/records/): no path of this machine in it. config.json keeps them.
         portable = {k: v for k, v in config.items() if k not in MACHINE_FLAGS}
         total_steps, online_steps = args.total_steps, getattr(args, "online_steps", 0)
-        self.paper_steps = paper_steps
+        self.paper_steps, self.meta, self.args = paper_steps, meta, args
         self.resumed: RunFiles | None = None
+        self.writer = self.wandb = self.bar = None
+        self.videos = bool(getattr(args, "capture_video", False))
+        if getattr(args, "eval_only", None):  # read the run, write nothing: `loaded` follows
+            self.run_dir = Path(args.eval_only)
+            self.resumed = read_run(self.run_dir, "--eval-only")
+            self.record = self.resumed.record
+            self.check_fingerprint(meta)
+            return
         if getattr(args, "resume", None):
             self.run_dir = Path(args.resume)
             self.resumed = read_run(self.run_dir)
             self.record = self.resumed.record
-            if self.record["dataset_fingerprint"] != meta.fingerprint:
-                raise UserError(
-                    f"{meta.dataset_id} now has fingerprint {meta.fingerprint[:12]}..., but the run trained on "
-                    f"{self.record['dataset_fingerprint'][:12]}...: the dataset was rebuilt or changed, so the run "
-                    "cannot continue on it"
-                )
+            self.check_fingerprint(meta)
             self.record.update(config=portable, total_steps=total_steps, online_steps=online_steps, finished=False)
             self.record["tier"] = tier_of(total_steps, online_steps, paper_steps)
         else:
@@ -380,12 +435,20 @@ class RunLogger:
             raise UserError(f"cannot write the run directory {self.run_dir}: {e.strerror or e}") from None
         print(f"run directory: {self.run_dir}", flush=True)
         self._wall0 = time.time() - self.record["wall_time_s"]
-        self.writer = None
         if not getattr(args, "no_log", False):
             from tensorboard.summary import Writer
 
             self.writer = Writer(str(self.run_dir))
-        self.bar = None
+        if getattr(args, "track", False):
+            self.wandb = start_wandb(self.run_dir, algo, meta.dataset_id, config)
+
+    def check_fingerprint(self, meta: Meta) -> None:
+        if self.record["dataset_fingerprint"] != meta.fingerprint:
+            raise UserError(
+                f"{meta.dataset_id} now has fingerprint {meta.fingerprint[:12]}..., but the run trained on "
+                f"{self.record['dataset_fingerprint'][:12]}...: the dataset was rebuilt or changed, so the run "
+                "cannot continue on it"
+            )
 
     # --- progress and scalars ---
     def progress(self, total: int, initial: int = 0, desc: str = "train") -> None:
@@ -400,10 +463,17 @@ class RunLogger:
                 self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
 
     def scalars(self, step: int, values: dict) -> None:
-        if self.writer is None:
-            return
-        for tag, v in values.items():
-            self.writer.add_scalar(tag, float(v), step)
+        if self.writer is not None:
+            for tag, v in values.items():
+                self.writer.add_scalar(tag, float(v), step)
+        if self.wandb is not None:  # its own step axis: online steps restart at 0 as in tensorboard
+            self.wandb.log({**{tag: float(v) for tag, v in values.items()}, "global_step": int(step)})
+
+    def video(self, step: int, phase: str = "offline") -> Path | None:
+        """Where this evaluation's video goes (--capture-video), else None."""
+        if not self.videos:
+            return None
+        return self.run_dir / "videos" / f"{'online_' if phase == 'online' else ''}step_{step}.mp4"
 
     def metrics(self, step: int, metrics: dict) -> None:
         """Chunk metrics shaped (num_seeds, steps): log the chunk mean over steps and seeds."""
@@ -414,24 +484,15 @@ class RunLogger:
         """Add an evaluation to the record (in memory: `save_checkpoint` writes it to disk); `extra`
         holds an algorithm's own JSON-ready diagnostics for this entry (e.g. FamO2O's beta spread)."""
         per_seed = result.normalized.mean(1)
-        entry = {
-            "step": int(step),
-            "phase": phase,
-            "returns": np.round(result.returns, 3).tolist(),
-            "normalized": np.round(result.normalized, 3).tolist(),
-            "lengths": result.lengths.tolist(),
-            "eval_seconds": round(result.seconds, 2),  # the first evaluation includes compilation
-            "episodes_per_s": round(result.lengths.size / max(result.seconds, 1e-9), 2),
-            "env_steps_per_s": round(float(result.lengths.sum()) / max(result.seconds, 1e-9), 1),
-            **(extra or {}),
-        }
+        entry = {**eval_entry(step, phase, result), **(extra or {})}
         tb = {"eval/normalized/mean": per_seed.mean(), "eval/return/mean": result.returns.mean()}
         if result.success is not None:
-            entry["success"] = result.success.astype(int).tolist()
             tb["eval/success_rate"] = result.success.mean()
         for i, seed in enumerate(self.record["seeds"]):
             tb[f"eval/normalized/seed_{seed}"] = per_seed[i]
         self.scalars(step, tb)
+        if result.video:
+            self.log_video(step, result)
         if self.writer is not None:
             self.writer.flush()
         self.record["evaluations"].append(entry)
@@ -441,6 +502,29 @@ class RunLogger:
         if self.bar is not None:
             self.bar.set_postfix(score=f"{per_seed.mean():.1f}", refresh=True)
         return self.record["final"]
+
+    def log_video(self, step: int, result: EvalResult) -> None:
+        """An animated thumbnail in tensorboard (the MP4 stays in videos/), the MP4 in wandb."""
+        if self.writer is not None and result.thumbnail:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+
+            frames = result.thumbnail
+            image = summary_pb2.Summary.Image(height=frames[0].shape[0], width=frames[0].shape[1], colorspace=3,
+                                              encoded_image_string=gif_bytes(frames))  # fmt: skip
+            event = event_pb2.Event(wall_time=time.time(), step=int(step))
+            event.summary.value.add(tag="eval/video", image=image)
+            self.writer._output._ev_writer.add_event(event)  # the numpy-only Writer has no add_image
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"eval/video": wandb.Video(result.video, format="mp4"), "global_step": int(step)})
+
+    def loaded(self, policy, params: Any, carry: Any = None) -> LoadedPolicy:
+        """Under --eval-only, what `train` returns right after restoring the checkpoint."""
+        return LoadedPolicy(
+            self.meta, policy, params, carry, self.run_dir, self.resumed.step, self.resumed.phase,
+            self.record, self.args.eval_episodes, self.args.seed,
+        )  # fmt: skip
 
     def stop_nonfinite(self, bad: str, where: str = "") -> None:
         """Raise the error of a non-finite loss, naming the checkpoint that is left (if any)."""
@@ -490,10 +574,124 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.summary.update({"finished": finished, **self.record.get("final", {})})
+            self.wandb.finish()
         self.record["wall_time_s"] = round(time.time() - self._wall0, 1)
         self.record["finished"] = finished
         atomic_write(self.run_dir / RECORD, json.dumps(self.record, indent=1))
         return self.record
+
+
+def eval_entry(step: int, phase: str, result: EvalResult) -> dict:
+    """One evaluation as the record keeps it."""
+    entry = {
+        "step": int(step),
+        "phase": phase,
+        "returns": np.round(result.returns, 3).tolist(),
+        "normalized": np.round(result.normalized, 3).tolist(),
+        "lengths": result.lengths.tolist(),
+        "eval_seconds": round(result.seconds, 2),  # the first evaluation includes compilation
+        "episodes_per_s": round(result.lengths.size / max(result.seconds, 1e-9), 2),
+        "env_steps_per_s": round(float(result.lengths.sum()) / max(result.seconds, 1e-9), 1),
+    }
+    if result.success is not None:
+        entry["success"] = result.success.astype(int).tolist()
+    return entry
+
+
+def gif_bytes(frames: list) -> bytes:
+    import io
+
+    from PIL import Image
+
+    images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
+    out = io.BytesIO()
+    images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=80, loop=0)
+    return out.getvalue()
+
+
+def start_wandb(run_dir: Path, algo: str, dataset: str, config: dict):
+    """A wandb run for this run directory, continued (same id) when the run is resumed."""
+    import wandb
+
+    run = wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "jaxorl"), id=run_dir.name.replace(":", "-")[:64],
+        name=run_dir.name, resume="allow", dir=str(run_dir), group=f"{algo}/{dataset}",
+        config={k: v for k, v in as_json(config).items() if k not in MACHINE_FLAGS}, tags=[algo],
+    )  # fmt: skip
+    run.define_metric("global_step")
+    run.define_metric("*", step_metric="global_step")
+    return run
+
+
+class LoadedPolicy(NamedTuple):
+    """A trained run's evaluation policy, rebuilt from its config.json and checkpoint:
+    `policy(params, carry, obs, prev_reward, rng)` as `common.evaluation.evaluate` calls it, with obs
+    shaped (num_seeds, episodes, obs_dim) and params stacked over the run's seeds."""
+
+    meta: Meta
+    policy: Any
+    params: Any
+    carry: Any
+    run_dir: Path
+    step: int  # of the checkpoint
+    phase: str  # "offline" or "online"
+    record: dict
+    eval_episodes: int
+    seed: int
+
+    def evaluate(self, num_episodes: int | None = None, seed: int | None = None, video=None) -> EvalResult:
+        """Evaluate as the run did (its episodes and seed unless given); `video=PATH` renders one."""
+        n = self.eval_episodes if num_episodes is None else num_episodes
+        return evaluate(self.meta, self.policy, self.params, num_episodes=n,
+                        seed=self.seed if seed is None else seed, carry=self.carry, video=video)  # fmt: skip
+
+
+def load_policy(run_dir: str | Path, **flags) -> LoadedPolicy:
+    """The evaluation policy of a run directory, for code: `load_policy("runs/iql/...").evaluate()`.
+    Imports the run's algorithm file from this repository and restores its checkpoint; `flags` are
+    the evaluation flags --eval-only takes (eval_episodes, seed)."""
+    import importlib.util
+
+    run = read_run(Path(run_dir), "load_policy")
+    algo = run.record.get("algorithm")
+    path = REPO_ROOT / "algorithms" / f"{algo}.py"
+    if algo not in ALGORITHM_FILES or not path.exists():
+        raise UserError(f"load_policy {run_dir}: no algorithm file for a {algo!r} run at {path}")
+    name = f"jaxorl_algorithms_{algo}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve their module by name
+        spec.loader.exec_module(module)
+    argv = ["--eval-only", str(run_dir)] + [flag(k) for k in flags]
+    args = module.Args(eval_only=str(run_dir), **flags)
+    args = prepare(module.Args, args, argv, getattr(module, "validate", None))
+    return module.train(args)
+
+
+def report_eval_only(loaded: LoadedPolicy, args: Any) -> dict:
+    """`--eval-only`: evaluate, print one line beside the record's last evaluation, and write the
+    evaluation to RUN_DIR/eval_only/ (the MP4 beside it with --capture-video)."""
+    if not isinstance(loaded, LoadedPolicy):
+        raise TypeError("--eval-only: this algorithm file's train() did not return its policy")
+    out = loaded.run_dir / "eval_only"
+    phase = "online_" if loaded.phase == "online" else ""
+    stem = f"{phase}step_{loaded.step}__seed_{args.seed}__{args.eval_episodes}ep"
+    video = out / f"{stem}.mp4" if args.capture_video else None
+    result = loaded.evaluate(args.eval_episodes, args.seed, video=video)
+    entry = eval_entry(loaded.step, loaded.phase, result)
+    out.mkdir(exist_ok=True)
+    atomic_write(out / f"{stem}.json", json.dumps(entry, indent=1))
+    summary = summarize(entry)
+    last = loaded.record["evaluations"][-1] if loaded.record.get("evaluations") else None
+    before = f"; the record's last evaluation: {summarize(last)['normalized_mean']:.1f}" if last else ""
+    print(f"{loaded.run_dir} ({loaded.phase} step {loaded.step}): normalized {summary['normalized_mean']:.1f} ± "
+          f"{summary['normalized_std']:.1f} over {args.eval_episodes} episodes x {len(summary['per_seed'])} seeds "
+          f"(reset seed {args.seed}){before}; written to {out / (stem + '.json')}", flush=True)  # fmt: skip
+    return entry
 
 
 def summarize(entry: dict) -> dict:

@@ -26,3 +26,21 @@ def only_run_dir(out: Path, algo: str) -> Path:
     dirs = sorted(p for p in Path(out).glob(f"{algo}/*") if p.is_dir())
     assert len(dirs) == 1, dirs
     return dirs[0]
+
+
+def assert_policy_reloads(run_dir: Path) -> None:
+    """`common.logging.load_policy` rebuilds the run's evaluation policy from its config.json and
+    checkpoint alone, and evaluating it as the run did reproduces the record's last evaluation."""
+    import json
+
+    import numpy as np
+
+    from common.logging import load_policy
+
+    record = json.loads((Path(run_dir) / "record.json").read_text())
+    last = record["evaluations"][-1]
+    loaded = load_policy(run_dir)
+    assert (loaded.step, loaded.phase) == (last["step"], last["phase"])
+    result = loaded.evaluate()
+    assert np.round(result.returns, 3).tolist() == last["returns"]
+    assert result.lengths.tolist() == last["lengths"]

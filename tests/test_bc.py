@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
-from helpers import only_run_dir, run_algorithm, snapshot  # noqa: E402
+from helpers import assert_policy_reloads, only_run_dir, run_algorithm, snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -189,3 +189,8 @@ def test_resume_alone_continues_from_its_config_like_an_uninterrupted_run(short_
     ours, theirs = checkpoint(run_dir)["state"], checkpoint(run_dir_of(tmp_path))["state"]
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_policy_reloads_from_the_run_directory(short_run):
+    """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
+    assert_policy_reloads(short_run[1])

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import snapshot  # noqa: E402
+from helpers import assert_policy_reloads, snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -397,3 +397,8 @@ def test_finished_run_resumed_without_a_larger_budget_changes_nothing(cli_run, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished" in proc.stdout
     assert files_of(run_dir) == before
+
+
+def test_policy_reloads_from_the_run_directory(cli_run):
+    """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
+    assert_policy_reloads(cli_run[1])

@@ -19,7 +19,7 @@ import optax
 import pytest
 import tyro
 from flax import serialization
-from helpers import run_algorithm, snapshot  # noqa: E402
+from helpers import assert_policy_reloads, run_algorithm, snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -480,3 +480,8 @@ def test_bad_dt_flag_is_one_line_and_leaves_no_folder(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: --embed-dim 30 must be divisible by --num-heads 4"
     assert not out.exists()
+
+
+def test_policy_reloads_from_the_run_directory(short_run):
+    """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
+    assert_policy_reloads(short_run.run_dir)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import only_run_dir, run_algorithm, snapshot  # noqa: E402
+from helpers import assert_policy_reloads, only_run_dir, run_algorithm, snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -224,3 +224,8 @@ def test_nonfinite_loss_names_seed_and_step(pendulum_dataset, tmp_path):
     args = tiny_args(pendulum_dataset, tmp_path, total_steps=100, eval_every=100, online_steps=0)
     with pytest.raises(FloatingPointError, match=r"seed 0, step 1: .*value_loss=nan"):
         famo2o.train(dataclasses.replace(args, expectile=float("nan")))
+
+
+def test_policy_reloads_from_the_run_directory(o2o_run):
+    """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
+    assert_policy_reloads(o2o_run[1])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
-from helpers import only_run_dir, run_algorithm  # noqa: E402
+from helpers import assert_policy_reloads, only_run_dir, run_algorithm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -175,3 +175,8 @@ def test_cli_bad_flag_gets_tyros_error(tmp_path):
     proc = run_cli("--total-steps", "many", cwd=tmp_path)
     assert proc.returncode == 2
     assert "total-steps" in proc.stderr
+
+
+def test_policy_reloads_from_the_run_directory(three_seed_run):
+    """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
+    assert_policy_reloads(three_seed_run[1])

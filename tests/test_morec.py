@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import only_run_dir, run_algorithm
+from helpers import assert_policy_reloads, only_run_dir, run_algorithm
 
 from common.data import UserError, load_dataset
 
@@ -200,6 +200,7 @@ def test_cli_end_to_end(pendulum_dataset, tmp_path):
     assert (run_dir / "dynamics.msgpack").exists() and "filter select" in proc.stdout
     rollouts = record["evaluations"][0]["rollouts"]
     assert 1 <= rollouts["rollout/mean_length"] <= 10 and 0 <= rollouts["filter/rejected_candidates"] <= 1
+    assert_policy_reloads(run_dir)  # load_policy, what --eval-only uses
 
 
 def test_bad_dynamics_path_is_one_line_and_leaves_no_folder(pendulum_dataset, tmp_path):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import only_run_dir, run_algorithm
+from helpers import assert_policy_reloads, only_run_dir, run_algorithm
 
 from common.data import UserError
 
@@ -248,6 +248,7 @@ def test_cli_end_to_end(pendulum_dataset, tmp_path):
     # Six rounds of 100 rollouts by step 150, each 1 to 5 transitions long, into a buffer of 2500.
     assert 600 <= buffers[0]["size"][0] <= 2500 and buffers[1]["size"][0] >= buffers[0]["size"][0]
     assert 0 < buffers[1]["terminal_fraction"][0] < 1
+    assert_policy_reloads(run_dir)  # load_policy, what --eval-only uses
 
 
 SCHEDULE = dict(eval_every=25, updates_per_epoch=50)  # chunks of 25 updates, as TINY's epochs give elsewhere

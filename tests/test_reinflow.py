@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tyro
 from flax import serialization
-from helpers import only_run_dir, run_algorithm
+from helpers import assert_policy_reloads, only_run_dir, run_algorithm
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -304,3 +304,8 @@ def test_cli_bad_sigma_range_is_one_line(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == ["error: --sigma-min (0.3) must be below --sigma-max (0.2)"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_policy_reloads_from_the_run_directory(cli_run):
+    """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
+    assert_policy_reloads(cli_run[2])
