@@ -33,6 +33,7 @@ import optax
 from common.data import Meta, load_dataset
 from common.evaluation import OnlineEnvs, default_eval_episodes, evaluate
 from common.logging import RunLogger, cli, first_nonfinite
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class Args:
     """value learning rate"""
     exploration_temperature: float = 1.0
     """scale of the policy std when acting online"""
+    sweep: tuple[str, ...] = ()
+    """hyperparameter grid trained with the seeds as one program, e.g. --sweep expectile=0.7,0.9 beta=3,10"""
 
 
 # Presets per domain, from the official configs (configs/{mujoco,antmaze,kitchen}_config.py).
@@ -106,6 +109,11 @@ DATASET_PRESETS: dict[tuple[str, str], dict] = {}
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 ACTION_EPS = 1e-5  # the official code clips dataset actions to +-(1 - 1e-5)
 PAPER_STEPS = (1_000_000, 0)
+SWEEPABLE = ("expectile", "beta", "discount", "tau")  # the traced hyperparameters (Hyper)
+
+
+def validate(args: Args) -> None:
+    sweep_points(args.sweep, args, SWEEPABLE)
 
 
 def resolve(args: Args, meta: Meta) -> Args:
@@ -334,7 +342,7 @@ def make_train_chunk(update, batch_size: int, num_updates: int):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, None, None))
+    vmapped = jax.vmap(one_seed, in_axes=(0, 0, None, 0))  # hp per member: the sweep's values are traced
     return jax.jit(vmapped, donate_argnums=(0,))
 
 
@@ -362,18 +370,19 @@ def make_online_step(update, act, batch_size: int, temperature: float):
         action = act(state.actor, next_obs, k_act, False, temperature)
         return state, key, buf, action, metrics
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0, None, 0, 0, None, None))
+    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0, None, 0, 0, None, 0))
     return jax.jit(vmapped, donate_argnums=(0, 2))
 
 
 def online_phase(args, meta, states, keys, offline: Batch, update, act, hp, logger, policy, reward_fn, seeds, ck=None):
-    """Fine-tune online from `states` (or continue from the checkpoint `ck` of an online phase)."""
+    """Fine-tune online from `states` (or continue from the checkpoint `ck` of an online phase);
+    `seeds` names the members (seeds, times the sweep's points), one environment each."""
     num_seeds = len(seeds)
-    envs = OnlineEnvs(meta, [args.seed + 1000 + i for i in range(num_seeds)])
+    envs = OnlineEnvs(meta, [args.seed + 1000 + i % args.num_seeds for i in range(num_seeds)])
     obs_dim, action_dim = meta.obs_dim, meta.action_dim
     shapes = [(obs_dim,), (action_dim,), (), (obs_dim,), ()]
-    # Per-seed online transitions (num_seeds, online_steps, ...); the offline data is shared.
-    buf = Batch(*(jnp.zeros((num_seeds, args.online_steps) + shape) for shape in shapes))
+    # Per-member online transitions (members, online_steps, ...); the offline data is shared.
+    buf = shard(Batch(*(jnp.zeros((num_seeds, args.online_steps) + shape) for shape in shapes)))
     step_fn = make_online_step(update, act, args.batch_size, args.exploration_temperature)
     if ck is None:
         t = 0
@@ -383,7 +392,7 @@ def online_phase(args, meta, states, keys, offline: Batch, update, act, hp, logg
         actions = np.asarray(act_jit(states.actor, obs, k_act))
     else:  # the buffer's first t rows, the environments replayed to step t, the pending actions
         t = ck.step
-        buf = Batch(*(b.at[:, :t].set(ck.online[name]) for name, b in zip(Batch._fields, buf)))
+        buf = shard(Batch(*(b.at[:, :t].set(ck.online[name]) for name, b in zip(Batch._fields, buf))))
         obs = envs.restore(ck.host)
         actions = ck.host["next_actions"]
     logger.progress(args.online_steps, initial=t, desc="online")
@@ -425,9 +434,13 @@ def train(args: Args) -> dict:
         data.next_observations,
         1.0 - data.terminals.astype(jnp.float32),
     )
+    offline = replicate(offline)
     init, update, act = make_agent(args, meta.obs_dim, meta.action_dim)
-    hp = Hyper(*(jnp.float32(x) for x in (args.expectile, args.beta, args.discount, args.tau)))
+    # Members: every seed of every --sweep point (one point without --sweep), sharded over devices.
+    points = sweep_points(args.sweep, args, SWEEPABLE)
+    hp = shard(member_hyper(Hyper, args, points, args.num_seeds))
     seeds = list(range(args.seed, args.seed + args.num_seeds))
+    members = member_labels(points, seeds)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     # One jitted init per seed, stacked: seed i starts exactly as a single-seed run would, and no
@@ -435,10 +448,14 @@ def train(args: Args) -> dict:
     # thread pool from inside it and can deadlock on 2 cores.
     init_one = jax.jit(init)
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k) for k in init_keys])
+    states, keys = shard(tile(states, len(points))), shard(tile(keys, len(points)))
 
-    logger = RunLogger("iql", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
+    logger = RunLogger("iql", args, meta, seeds=seeds, paper_steps=PAPER_STEPS, points=points)
     print(f"IQL on {args.dataset} ({meta.domain}, {meta.size} transitions): expectile {args.expectile}, "
-          f"beta {args.beta}, dropout {args.dropout}, {args.eval_episodes} eval episodes", flush=True)  # fmt: skip
+          f"beta {args.beta}, dropout {args.dropout}, {args.eval_episodes} eval episodes"
+          + (f"; sweep of {len(points)} points x {len(seeds)} seeds: {' '.join(args.sweep)}" if args.sweep else "")
+          + (f"; members sharded over {jax.device_count()} devices" if jax.device_count() > 1 else ""),
+          flush=True)  # fmt: skip
     step, phase, ck = 0, "offline", None
     if logger.resumed:
         ck = logger.load_checkpoint(states, keys)
@@ -461,7 +478,7 @@ def train(args: Args) -> dict:
                 chunks[n] = make_train_chunk(update, args.batch_size, n)
             states, keys, metrics = chunks[n](states, keys, offline, hp)
             metrics = jax.device_get(metrics)
-            bad = first_nonfinite(metrics, step, seeds)
+            bad = first_nonfinite(metrics, step, members)
             if bad:
                 logger.stop_nonfinite(bad)
             step += n
@@ -476,7 +493,7 @@ def train(args: Args) -> dict:
     if args.online_steps > 0 and not (phase == "online" and step >= args.online_steps):
         states = online_phase(
             args, meta, states, keys, offline, update, act, hp, logger, policy,
-            lambda r: np.asarray(r, np.float32) * scale + shift, seeds, ck if phase == "online" else None,
+            lambda r: np.asarray(r, np.float32) * scale + shift, members, ck if phase == "online" else None,
         )  # fmt: skip
     record = logger.close()
     final = record["final"]
@@ -486,4 +503,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    cli(Args, train)
+    cli(Args, train, validate=validate)

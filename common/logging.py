@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from common.data import REPO_ROOT, Meta, UserError
 from common.evaluation import EvalResult, evaluate, headless_gl
+from common.members import point_label
 
 CONFIG, RECORD, CHECKPOINT = "config.json", "record.json", "checkpoint.msgpack"
 BUDGET_FLAGS = ("total_steps", "online_steps")  # may grow on --resume
@@ -355,9 +356,10 @@ def tier_of(total_steps: int, online_steps: int, paper_steps: tuple[int, int]) -
     return "paper" if total_steps >= paper_steps[0] and online_steps >= paper_steps[1] else "short"
 
 
-def first_nonfinite(metrics: dict, step0: int, seeds: list[int]) -> str | None:
-    """Describe the earliest non-finite metrics of a chunk (arrays shaped (num_seeds, steps) whose
-    step i is update step0 + i + 1), naming the seed, the step and every loss that is not finite."""
+def first_nonfinite(metrics: dict, step0: int, seeds: list) -> str | None:
+    """Describe the earliest non-finite metrics of a chunk (arrays shaped (members, steps) whose
+    step i is update step0 + i + 1), naming the seed (a member's label in a sweep), the step and
+    every loss that is not finite."""
     arrays = {k: np.asarray(v).reshape(len(seeds), -1) for k, v in metrics.items()}
     bad = {k: ~np.isfinite(v) for k, v in arrays.items()}
     first = [(np.argwhere(b.any(0))[0, 0], k) for k, b in bad.items() if b.any()]
@@ -381,8 +383,12 @@ class Checkpoint(NamedTuple):
 class RunLogger:
     """Owns one run directory: a new one, or the `args.resume` one (after `prepare` checked it)."""
 
-    def __init__(self, algo: str, args: Any, meta: Meta, *, seeds: list[int], paper_steps: tuple[int, int]):
+    def __init__(
+        self, algo: str, args: Any, meta: Meta, *, seeds: list[int], paper_steps: tuple[int, int], points=None
+    ):
+        """`points`: the --sweep grid (common.members.sweep_points); members are points x seeds."""
         config = dataclasses.asdict(args)
+        self.points = points if points and points[0] else None
         # The record travels (results/records/): no path of this machine in it. config.json keeps them.
         portable = {k: v for k, v in config.items() if k not in MACHINE_FLAGS}
         total_steps, online_steps = args.total_steps, getattr(args, "online_steps", 0)
@@ -422,6 +428,7 @@ class RunLogger:
                 "dataset_fingerprint": meta.fingerprint,
                 "seeds": seeds,
                 "num_seeds": len(seeds),
+                **({"sweep": {"points": self.points}} if self.points else {}),
                 "total_steps": total_steps,
                 "online_steps": online_steps,
                 "wall_time_s": 0.0,
@@ -488,8 +495,10 @@ class RunLogger:
         tb = {"eval/normalized/mean": per_seed.mean(), "eval/return/mean": result.returns.mean()}
         if result.success is not None:
             tb["eval/success_rate"] = result.success.mean()
-        for i, seed in enumerate(self.record["seeds"]):
-            tb[f"eval/normalized/seed_{seed}"] = per_seed[i]
+        seeds = self.record["seeds"]
+        for i, value in enumerate(per_seed):
+            point = f"{point_label(self.points[i // len(seeds)])}/" if self.points else ""
+            tb[f"eval/normalized/{point}seed_{seeds[i % len(seeds)]}"] = value
         self.scalars(step, tb)
         if result.video:
             self.log_video(step, result)
@@ -497,6 +506,11 @@ class RunLogger:
             self.writer.flush()
         self.record["evaluations"].append(entry)
         self.record["final"] = summarize(entry)
+        if self.points:  # one summary per grid point: its seeds' rows
+            n = len(self.record["seeds"])
+            self.record["final_per_point"] = [
+                {"point": point, **summarize(entry, slice(g * n, (g + 1) * n))} for g, point in enumerate(self.points)
+            ]
         if phase == "offline":
             self.record["final_offline"] = self.record["final"]
         if self.bar is not None:
@@ -579,6 +593,8 @@ class RunLogger:
             self.wandb.finish()
         self.record["wall_time_s"] = round(time.time() - self._wall0, 1)
         self.record["finished"] = finished
+        for point in self.record.get("final_per_point", []) if finished else []:
+            print(f"  {point_label(point['point'])}: {point['normalized_mean']:.1f} ± {point['normalized_std']:.1f}")
         atomic_write(self.run_dir / RECORD, json.dumps(self.record, indent=1))
         return self.record
 
@@ -694,8 +710,9 @@ def report_eval_only(loaded: LoadedPolicy, args: Any) -> dict:
     return entry
 
 
-def summarize(entry: dict) -> dict:
-    per_seed = np.asarray(entry["normalized"]).mean(1)
+def summarize(entry: dict, rows: slice = slice(None)) -> dict:
+    """Mean and std over seeds (members; `rows` picks a sweep point's) of the per-seed mean score."""
+    per_seed = np.asarray(entry["normalized"])[rows].mean(1)
     out = {
         "step": entry["step"],
         "normalized_mean": round(float(per_seed.mean()), 3),
@@ -703,5 +720,5 @@ def summarize(entry: dict) -> dict:
         "per_seed": np.round(per_seed, 3).tolist(),
     }
     if "success" in entry:
-        out["success_rate"] = round(float(np.mean(entry["success"])), 3)
+        out["success_rate"] = round(float(np.mean(np.asarray(entry["success"])[rows])), 3)
     return out

@@ -68,6 +68,15 @@ def random_transitions(batch_cls, extra: int = 0):
 HOPPER_MEDIUM = SimpleNamespace(domain="locomotion", robot="hopper", level="medium")
 
 
+def per_member(chunk: Callable) -> Callable:
+    """A chunk that takes hyperparameters per member (a file with --sweep), given the same to all."""
+
+    def run(states, keys, data, hp):
+        return chunk(states, keys, data, jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, keys.shape[:1]), hp))
+
+    return run
+
+
 def iql_setup(module, batch_size: int) -> Setup:
     args = module.Args(total_steps=1_000_000, dropout=0.0, batch_size=batch_size)
     init, update, _ = module.make_agent(args, OBS_DIM, ACTION_DIM)
@@ -75,7 +84,7 @@ def iql_setup(module, batch_size: int) -> Setup:
     return Setup(
         init, update, random_transitions(module.Batch), hp,
         lambda data, key: module.sample_batch(data, key, batch_size),
-        lambda n: module.make_train_chunk(update, batch_size, n),
+        lambda n: per_member(module.make_train_chunk(update, batch_size, n)),
         "actor and critics 256-256 (paper size)",
     )  # fmt: skip
 

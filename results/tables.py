@@ -62,6 +62,8 @@ def variant(record: dict) -> str:
         return "o2o"  # IQL offline-to-online, beside the offline record of the same budget
     if record["algorithm"] == "morec" and record.get("config", {}).get("no_filter"):
         return "mopo"  # plain MOPO on the same model and budget, beside MOREC
+    if "sweep" in record:
+        return "sweep"  # one file; `split_sweep` makes one row per grid point
     return f"top{round(100 * top_fraction(record))}" if top_fraction(record) < 1.0 else ""
 
 
@@ -77,6 +79,30 @@ def load(path: Path) -> dict:
     if len(parts) > 2 and parts[2] != variant(record):
         record["_variant"] = parts[2]
     return record
+
+
+def load_all() -> list[dict]:
+    return [part for path in sorted(RECORDS.rglob("*.json")) for part in split_sweep(load(path))]
+
+
+def split_sweep(record: dict) -> list[dict]:
+    """A --sweep record as one record per grid point (in memory): its seeds' rows of every
+    evaluation, the point's values in the config, the point as the variant."""
+    if "sweep" not in record:
+        return [record]
+    n, parts = len(record["seeds"]), []
+    for g, point in enumerate(record["sweep"]["points"]):
+        rows = slice(g * n, (g + 1) * n)
+        evaluations = [
+            {k: (v[rows] if k in ("returns", "normalized", "lengths", "success") else v) for k, v in e.items()}
+            for e in record["evaluations"]
+        ]
+        part = {k: v for k, v in record.items() if k not in ("sweep", "final_per_point")}
+        label = ",".join(f"{k}={v:g}" for k, v in point.items())
+        name = f"{record['_variant']},{label}" if record.get("_variant") else label
+        part.update(evaluations=evaluations, config={**record["config"], **point}, _variant=name)
+        parts.append(part)
+    return parts
 
 
 def record_name(record: dict) -> Path:
@@ -308,7 +334,7 @@ def protocol(records: list[dict]) -> list[str]:
 
 
 def generate() -> str:
-    records = [load(p) for p in sorted(RECORDS.rglob("*.json"))]
+    records = load_all()
     lines = [
         "# Results",
         "",
@@ -381,7 +407,7 @@ def write() -> str:
     readme = HERE.parent / "README.md"
     top = readme.read_text()
     if AGGREGATE_START in top and AGGREGATE_END in top:
-        records = [load(p) for p in sorted(RECORDS.rglob("*.json"))]
+        records = load_all()
         section = [line for tier in ("paper", "short") if any(r["tier"] == tier for r in records)
                    for line in aggregate_section(records, tier)]  # fmt: skip
         section = [line.replace("## Aggregate", "### Aggregate") for line in section]
