@@ -40,6 +40,7 @@ import optax
 from common.data import UserError, load_dataset
 from common.evaluation import default_eval_episodes, evaluate
 from common.logging import RunLogger, cli, first_nonfinite
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,19 @@ class Args:
     """Adam learning rate (constant)"""
     normalize_states: bool = True
     """standardize observations with the mean and std of the cloned data"""
+    sweep: tuple[str, ...] = ()
+    """hyperparameter grid trained with the seeds as one program, e.g. --sweep lr=1e-4,3e-4,1e-3"""
 
 
 PAPER_STEPS = (1_000_000, 0)  # CORL: 1M updates, offline only
 STD_EPS = 1e-3  # CORL's compute_mean_std(states, eps=1e-3)
+SWEEPABLE = ("lr",)  # the traced hyperparameters (Hyper)
 
 
 def validate(args: Args) -> None:
     if not 0.0 < args.top_fraction <= 1.0:
         raise UserError(f"--top-fraction must be in (0, 1] (1: plain BC, 0.1: 10% BC), got {args.top_fraction}")
+    sweep_points(args.sweep, args, SWEEPABLE)
 
 
 def resolve(args: Args, meta) -> Args:
@@ -196,7 +201,7 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
 
 
 def make_train_chunk(update, batch_size: int, num_updates: int):
-    """A jitted scan of `num_updates` updates, vmapped over seeds; batches drawn inside the scan."""
+    """A jitted scan of `num_updates` updates, vmapped over members; batches drawn inside the scan."""
 
     def one_seed(state, key, data, hp):
         def body(carry, _):
@@ -209,7 +214,8 @@ def make_train_chunk(update, batch_size: int, num_updates: int):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, None)), donate_argnums=(0,))
+    vmapped = jax.vmap(one_seed, in_axes=(0, 0, None, 0))  # hp per member: the sweep's values are traced
+    return jax.jit(vmapped, donate_argnums=(0,))
 
 
 # --- Training ---------------------------------------------------------------------------------
@@ -223,20 +229,28 @@ def train(args: Args) -> dict:
     if len(rows) < meta.size:
         cloned = Batch(data.observations[rows], data.actions[rows])
     obs_mean, obs_std = state_stats(cloned.observations, args.normalize_states)
+    cloned = replicate(cloned)
 
     init, update, act = make_agent(args, meta.obs_dim, meta.action_dim)
-    hp = Hyper(jnp.float32(args.lr))
+    # Members: every seed of every --sweep point (one point without --sweep), sharded over devices.
+    points = sweep_points(args.sweep, args, SWEEPABLE)
+    hp = shard(member_hyper(Hyper, args, points, args.num_seeds))
     seeds = list(range(args.seed, args.seed + args.num_seeds))
+    members = member_labels(points, seeds)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     init_one = jax.jit(init)  # per seed, stacked: seed i starts as a single-seed run would
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k, obs_mean, obs_std) for k in init_keys])
+    states, keys = shard(tile(states, len(points))), shard(tile(keys, len(points)))
 
-    logger = RunLogger("bc", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
+    logger = RunLogger("bc", args, meta, seeds=seeds, paper_steps=PAPER_STEPS, points=points)
     print(f"{variant(args.top_fraction)} on {args.dataset} ({meta.domain}): {len(kept)} of "
           f"{len(meta.episode_returns)} episodes, {len(rows)} of {meta.size} transitions, returns "
           f">= {meta.episode_returns[kept].min():.1f}; normalize_states {args.normalize_states}, "
-          f"lr {args.lr}, eval_episodes {args.eval_episodes}", flush=True)  # fmt: skip
+          f"lr {args.lr}, eval_episodes {args.eval_episodes}"
+          + (f"; sweep of {len(points)} points x {len(seeds)} seeds: {' '.join(args.sweep)}" if args.sweep else "")
+          + (f"; members sharded over {jax.device_count()} devices" if jax.device_count() > 1 else ""),
+          flush=True)  # fmt: skip
     step = 0
     if logger.resumed:
         ck = logger.load_checkpoint(states, keys)
@@ -244,7 +258,7 @@ def train(args: Args) -> dict:
         print(f"resumed from step {step}", flush=True)
 
     @jax.jit
-    def policy(states, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
+    def policy(states, carry, obs, prev_reward, rng):  # obs: (members, episodes, obs_dim)
         return jax.vmap(act)(states, obs), carry
 
     if args.eval_only:
@@ -258,7 +272,7 @@ def train(args: Args) -> dict:
             chunks[n] = make_train_chunk(update, args.batch_size, n)
         states, keys, metrics = chunks[n](states, keys, cloned, hp)
         metrics = jax.device_get(metrics)
-        bad = first_nonfinite(metrics, step, seeds)
+        bad = first_nonfinite(metrics, step, members)
         if bad:
             logger.stop_nonfinite(bad)
         step += n

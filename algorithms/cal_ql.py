@@ -31,9 +31,9 @@ the same names, order, networks, losses and presets wherever the two agree. What
   this repo does not have), likewise take cql.py's preset plus the bound.
 - Dataset actions are clipped to +-0.99999 (the official clip_action; JaxCQL and cql.py: 0.999).
 
-Online, every seed's environment runs continuously; after every `collect_steps` environment steps
-(default: the time limit, one full-length trajectory) each seed makes that many updates (times
-`utd_ratio`). A transition enters the replay buffer when its trajectory ends, because its
+Online, every member's (seed's) environment runs continuously; after every `collect_steps`
+environment steps (default: the time limit, one full-length trajectory) each member makes that many
+updates (times `utd_ratio`). A transition enters the replay buffer when its trajectory ends, because its
 Monte-Carlo return needs the end; the official code likewise collects a whole trajectory, then
 updates. Every online evaluation checkpoints the online buffer and the environments' actions, so
 `--resume` continues the phase exactly (the running trajectories are rebuilt by replaying them).
@@ -61,6 +61,7 @@ import optax
 from common.data import UserError, load_dataset
 from common.evaluation import OnlineEnvs, default_eval_episodes, evaluate
 from common.logging import RunLogger, cli, first_nonfinite
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,8 @@ class Args:
     """updates per online environment step"""
     collect_steps: int | None = None
     """environment steps between two rounds of updates (None: the environment's time limit)"""
+    sweep: tuple[str, ...] = ()
+    """hyperparameter grid trained with the seeds as one program, e.g. --sweep cql_alpha=1,5,10 tau=0.005,0.01"""
 
 
 # Presets per domain: cql.py's (CORL's tuned configs) with rewards as they are, except AntMaze,
@@ -182,6 +185,11 @@ DATASET_PRESETS: dict[tuple[str, str], dict] = {}
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 ACTION_CLIP = 0.99999  # the official clip_action
 PAPER_STEPS = (1_000_000, 1_000_000)
+# The traced continuous hyperparameters of Hyper (named as the flags): cql.py's but the discount,
+# which also sets the Monte-Carlo returns computed on the host (one set for all members); not the 0/1
+# switches (cql_lagrange, backup_entropy, calibrate), the bc_steps count, nor the clip bounds.
+SWEEPABLE = ("cql_alpha", "cql_temp", "target_action_gap", "policy_lr", "qf_lr", "tau", "alpha_multiplier",
+             "target_entropy")  # fmt: skip
 
 
 def resolve(args: Args, meta) -> Args:
@@ -214,6 +222,7 @@ def validate(args: Args) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    sweep_points(args.sweep, args, SWEEPABLE)
 
 
 # --- Networks ---------------------------------------------------------------------------------
@@ -548,8 +557,9 @@ def sample_mixed(data, key, batch_size: int, mixing_ratio: float) -> Batch:
 
 
 def make_train_chunk(update, sampler, num_updates: int, data_axes=None):
-    """A jitted scan of `num_updates` updates, vmapped over seeds; batches drawn inside the scan by
-    `sampler(data, key)` from device-resident data (data_axes: which of it has a seed axis)."""
+    """A jitted scan of `num_updates` updates, vmapped over the members (seeds times --sweep points,
+    each with its own Hyper); batches drawn inside the scan by `sampler(data, key)` from
+    device-resident data (data_axes: which of it has a member axis)."""
 
     def one_seed(state, key, data, hp):
         def body(carry, _):
@@ -561,11 +571,12 @@ def make_train_chunk(update, sampler, num_updates: int, data_axes=None):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, data_axes, None)), donate_argnums=(0,))
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, data_axes, 0)), donate_argnums=(0,))
 
 
-def make_hyper(args: Args, action_dim: int) -> Hyper:
-    values = dict(
+def hyper_values(args: Args, action_dim: int) -> dict:
+    """Each Hyper field's value for a run without --sweep (the switches as 0 or 1)."""
+    return dict(
         cql_alpha=args.cql_alpha, cql_lagrange=float(args.cql_lagrange), cql_temp=args.cql_temp,
         target_action_gap=args.target_action_gap, clip_diff_min=args.cql_clip_diff_min,
         clip_diff_max=args.cql_clip_diff_max, policy_lr=args.policy_lr, qf_lr=args.qf_lr,
@@ -573,7 +584,11 @@ def make_hyper(args: Args, action_dim: int) -> Hyper:
         target_entropy=-float(action_dim) if args.target_entropy is None else args.target_entropy,
         backup_entropy=float(args.backup_entropy), bc_steps=args.bc_steps, calibrate=float(args.calibrate),
     )  # fmt: skip
-    return Hyper(**{k: jnp.float32(v) for k, v in values.items()})
+
+
+def make_hyper(args: Args, action_dim: int) -> Hyper:
+    """One member's Hyper, float32 scalars."""
+    return Hyper(**{k: jnp.float32(v) for k, v in hyper_values(args, action_dim).items()})
 
 
 # --- Online fine-tuning -----------------------------------------------------------------------
@@ -626,13 +641,14 @@ def _insert(buf: Batch, n_online, rows: Batch) -> Batch:
     return jax.tree_util.tree_map(jax.vmap(one), buf, jax.tree_util.tree_map(lambda _: n_online, buf), rows)
 
 
-def online_phase(args, meta, states, keys, offline, update, act, hp, logger, policy, seeds, resume=None):
+def online_phase(args, meta, states, keys, offline, update, act, hp, logger, policy, members, resume=None):
     """Fine-tune online, checkpointing at every evaluation; `resume` (a checkpoint of this phase)
-    continues it exactly: same buffer, keys and environments (their actions replayed)."""
+    continues it exactly: same buffer, keys and environments (their actions replayed). `members`
+    names the members (seeds, times the --sweep points): one environment and buffer each."""
     t = 0 if resume is None else resume.step
     if t >= args.online_steps:  # a finished phase is never run again
         return states, keys
-    num_seeds = len(seeds)
+    num_members = len(members)
     horizon = meta.env_spec.max_episode_steps or 1000
     collect = args.collect_steps or horizon
     block = collect + horizon  # trajectories finished in one collection round have fewer rows than this
@@ -640,15 +656,16 @@ def online_phase(args, meta, states, keys, offline, update, act, hp, logger, pol
     # run extended with --resume --online-steps keeps its buffer shape and compiled programs.
     cap = -(-(args.online_steps + block) // 2**16) * 2**16
     shapes = [(meta.obs_dim,), (meta.action_dim,), (), (meta.obs_dim,), (), ()]
-    buf = Batch(*(jnp.zeros((num_seeds, cap) + shape) for shape in shapes))  # (num_seeds, cap, ...)
-    n_online = np.zeros(num_seeds, np.int32)
-    trajectories = Trajectories(num_seeds)
-    envs = OnlineEnvs(meta, [args.seed + 1000 + i for i in range(num_seeds)])
+    buf = shard(Batch(*(jnp.zeros((num_members, cap) + shape) for shape in shapes)))  # (members, cap, ...)
+    n_online = np.zeros(num_members, np.int32)
+    trajectories = Trajectories(num_members)
+    # Member m's environment resets as seed m % num_seeds's of a run without --sweep.
+    envs = OnlineEnvs(meta, [args.seed + 1000 + i % args.num_seeds for i in range(num_members)])
     if resume is None:
         obs = envs.reset()
     else:
-        saved = resume.online["buffer"]  # the filled rows only: (num_seeds, max n_online, ...)
-        buf = Batch(*(b.at[:, : np.shape(saved[f])[1]].set(saved[f]) for b, f in zip(buf, Batch._fields)))
+        saved = resume.online["buffer"]  # the filled rows only: (members, max n_online, ...)
+        buf = shard(Batch(*(b.at[:, : np.shape(saved[f])[1]].set(saved[f]) for b, f in zip(buf, Batch._fields))))
         n_online = np.array(resume.online["n_online"], np.int32)  # a writable copy
         obs = envs.restore(resume.host, on_step=trajectories.add)  # rebuilds the running trajectories
         if len(envs.actions) != t:
@@ -666,7 +683,7 @@ def online_phase(args, meta, states, keys, offline, update, act, hp, logger, pol
     logger.progress(args.online_steps, initial=t, desc="online")
     while t < args.online_steps:
         n = min(collect, args.online_steps - t, (t // args.eval_every + 1) * args.eval_every - t)
-        finished = [[] for _ in seeds]
+        finished = [[] for _ in members]
         for _ in range(n):
             actions, keys = explore(states.params["actor"], states.obs_mean, states.obs_std, jnp.asarray(obs), keys)
             actions = np.asarray(actions)
@@ -675,14 +692,15 @@ def online_phase(args, meta, states, keys, offline, update, act, hp, logger, pol
                 finished[i].append(steps)
             obs = next_obs
         rows = [stack_trajectories(f, meta, args, mean, std, block) for f in finished]
-        buf = _insert(buf, jnp.asarray(n_online), Batch(*(jnp.stack(x) for x in zip(*[r[0] for r in rows]))))
+        buf = _insert(buf, jnp.asarray(n_online), shard(Batch(*(jnp.stack(x) for x in zip(*[r[0] for r in rows])))))
         n_online += np.asarray([r[1] for r in rows], np.int32)
         if n * args.utd_ratio not in chunks:
             sampler = lambda data, k: sample_mixed(data, k, args.batch_size, args.mixing_ratio)  # noqa: E731
             chunks[n * args.utd_ratio] = make_train_chunk(update, sampler, n * args.utd_ratio, (None, 0, 0))
-        states, keys, metrics = chunks[n * args.utd_ratio](states, keys, (offline, buf, jnp.asarray(n_online)), hp)
+        data = (offline, buf, shard(jnp.asarray(n_online)))
+        states, keys, metrics = chunks[n * args.utd_ratio](states, keys, data, hp)
         metrics = jax.device_get(metrics)
-        bad = first_nonfinite(metrics, args.total_steps + t * args.utd_ratio, seeds)
+        bad = first_nonfinite(metrics, args.total_steps + t * args.utd_ratio, members)
         if bad:
             logger.stop_nonfinite(bad, f" in the online phase (environment step {t + n})")
         t += n
@@ -720,9 +738,13 @@ def train(args: Args) -> dict:
         1.0 - data.terminals.astype(jnp.float32),
         jnp.asarray(returns),
     )
+    offline = replicate(offline)
     init, update, act = make_agent(args, meta.obs_dim, meta.action_dim)
-    hp = make_hyper(args, meta.action_dim)
+    # Members: every seed of every --sweep point (one point without --sweep), sharded over devices.
+    points = sweep_points(args.sweep, args, SWEEPABLE)
+    hp = shard(member_hyper(Hyper, args, points, args.num_seeds, **hyper_values(args, meta.action_dim)))
     seeds = list(range(args.seed, args.seed + args.num_seeds))
+    members = member_labels(points, seeds)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     # One jitted init per seed, stacked: seed i starts exactly as a single-seed run would, and no
@@ -730,11 +752,15 @@ def train(args: Args) -> dict:
     init_one = jax.jit(init)
     mean_std = (jnp.float32(obs_mean), jnp.float32(obs_std))
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k, *mean_std) for k in init_keys])
+    states, keys = shard(tile(states, len(points))), shard(tile(keys, len(points)))
 
-    logger = RunLogger("cal_ql", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
+    logger = RunLogger("cal_ql", args, meta, seeds=seeds, paper_steps=PAPER_STEPS, points=points)
     resolved = [*LOCOMOTION, "eval_episodes", "calibrate", "mixing_ratio"]
     print(f"Cal-QL on {args.dataset} ({meta.domain}, {meta.size} transitions), preset: "
-          + ", ".join(f"{k} {getattr(args, k)}" for k in resolved), flush=True)  # fmt: skip
+          + ", ".join(f"{k} {getattr(args, k)}" for k in resolved)
+          + (f"; sweep of {len(points)} points x {len(seeds)} seeds: {' '.join(args.sweep)}" if args.sweep else "")
+          + (f"; members sharded over {jax.device_count()} devices" if jax.device_count() > 1 else ""),
+          flush=True)  # fmt: skip
     step, phase, ck = 0, "offline", None
     if logger.resumed:
         ck = logger.load_checkpoint(states, keys)
@@ -742,7 +768,7 @@ def train(args: Args) -> dict:
         print(f"resumed from step {step} ({phase})", flush=True)
 
     @jax.jit
-    def policy(params, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
+    def policy(params, carry, obs, prev_reward, rng):  # obs: (members, episodes, obs_dim)
         return jax.vmap(lambda p, m, sd, o: act(p, m, sd, o, rng, True))(*params, obs), carry
 
     if args.eval_only:
@@ -757,7 +783,7 @@ def train(args: Args) -> dict:
                 chunks[n] = make_train_chunk(update, lambda data, k: sample_batch(data, k, args.batch_size), n)
             states, keys, metrics = chunks[n](states, keys, offline, hp)
             metrics = jax.device_get(metrics)
-            bad = first_nonfinite(metrics, step, seeds)
+            bad = first_nonfinite(metrics, step, members)
             if bad:
                 logger.stop_nonfinite(bad)
             step += n
@@ -772,7 +798,7 @@ def train(args: Args) -> dict:
               f"normalized {logger.record['final']['normalized_mean']:.1f}", flush=True)  # fmt: skip
     if args.online_steps > 0:
         resume = ck if phase == "online" else None
-        states, keys = online_phase(args, meta, states, keys, offline, update, act, hp, logger, policy, seeds, resume)
+        states, keys = online_phase(args, meta, states, keys, offline, update, act, hp, logger, policy, members, resume)
     record = logger.close()
     final = record["final"]
     print(f"final normalized score {final['normalized_mean']:.1f} ± {final['normalized_std']:.1f} "

@@ -42,6 +42,7 @@ import optax
 from common.data import UserError, load_dataset
 from common.evaluation import default_eval_episodes, evaluate
 from common.logging import RunLogger, cli, first_nonfinite
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class Args:
     """r -> r * scale + bias after normalization (None: preset 1, AntMaze 10)"""
     reward_bias: float | None = None
     """(None: preset 0, AntMaze -5)"""
+    sweep: tuple[str, ...] = ()
+    """hyperparameter grid trained with the seeds as one program, e.g. --sweep cql_alpha=1,5,10 tau=0.005,0.01"""
 
 
 # Presets per domain, from CORL's tuned configs. CORL applies reward_scale and reward_bias only
@@ -149,6 +152,11 @@ DATASET_PRESETS = {("hopper", "medium"): dict(normalize_rewards=True)}
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 ACTION_CLIP = 0.999  # JaxCQL clips dataset actions so that log pi(a_data|s) stays finite
 PAPER_STEPS = (1_000_000, 0)
+# The traced continuous hyperparameters of Hyper (named as the flags); not the 0/1 switches
+# (cql_lagrange, backup_entropy), the bc_steps count, nor the clip bounds (Hyper's clip_diff_* are the
+# flags cql_clip_diff_*).
+SWEEPABLE = ("cql_alpha", "cql_temp", "target_action_gap", "policy_lr", "qf_lr", "discount", "tau",
+             "alpha_multiplier", "target_entropy")  # fmt: skip
 
 
 def resolve(args: Args, meta) -> Args:
@@ -175,6 +183,7 @@ def validate(args: Args) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    sweep_points(args.sweep, args, SWEEPABLE)
 
 
 # --- Networks ---------------------------------------------------------------------------------
@@ -456,8 +465,9 @@ def sample_batch(data: Batch, key, batch_size: int) -> Batch:
 
 
 def make_train_chunk(update, sampler, num_updates: int, data_axes=None):
-    """A jitted scan of `num_updates` updates, vmapped over seeds; batches drawn inside the scan by
-    `sampler(data, key)` from device-resident data (data_axes: which of it has a seed axis)."""
+    """A jitted scan of `num_updates` updates, vmapped over the members (seeds times --sweep points,
+    each with its own Hyper); batches drawn inside the scan by `sampler(data, key)` from
+    device-resident data (data_axes: which of it has a member axis)."""
 
     def one_seed(state, key, data, hp):
         def body(carry, _):
@@ -469,11 +479,12 @@ def make_train_chunk(update, sampler, num_updates: int, data_axes=None):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, data_axes, None)), donate_argnums=(0,))
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, data_axes, 0)), donate_argnums=(0,))
 
 
-def make_hyper(args: Args, action_dim: int) -> Hyper:
-    values = dict(
+def hyper_values(args: Args, action_dim: int) -> dict:
+    """Each Hyper field's value for a run without --sweep (the switches as 0 or 1)."""
+    return dict(
         cql_alpha=args.cql_alpha, cql_lagrange=float(args.cql_lagrange), cql_temp=args.cql_temp,
         target_action_gap=args.target_action_gap, clip_diff_min=args.cql_clip_diff_min,
         clip_diff_max=args.cql_clip_diff_max, policy_lr=args.policy_lr, qf_lr=args.qf_lr,
@@ -481,7 +492,11 @@ def make_hyper(args: Args, action_dim: int) -> Hyper:
         target_entropy=-float(action_dim) if args.target_entropy is None else args.target_entropy,
         backup_entropy=float(args.backup_entropy), bc_steps=args.bc_steps,
     )  # fmt: skip
-    return Hyper(**{k: jnp.float32(v) for k, v in values.items()})
+
+
+def make_hyper(args: Args, action_dim: int) -> Hyper:
+    """One member's Hyper, float32 scalars."""
+    return Hyper(**{k: jnp.float32(v) for k, v in hyper_values(args, action_dim).items()})
 
 
 # --- Training ---------------------------------------------------------------------------------
@@ -500,9 +515,13 @@ def train(args: Args) -> dict:
         jnp.asarray((next_observations - obs_mean) / obs_std, jnp.float32),
         1.0 - data.terminals.astype(jnp.float32),
     )
+    offline = replicate(offline)
     init, update, act = make_agent(args, meta.obs_dim, meta.action_dim)
-    hp = make_hyper(args, meta.action_dim)
+    # Members: every seed of every --sweep point (one point without --sweep), sharded over devices.
+    points = sweep_points(args.sweep, args, SWEEPABLE)
+    hp = shard(member_hyper(Hyper, args, points, args.num_seeds, **hyper_values(args, meta.action_dim)))
     seeds = list(range(args.seed, args.seed + args.num_seeds))
+    members = member_labels(points, seeds)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     # One jitted init per seed, stacked: seed i starts exactly as a single-seed run would, and no
@@ -510,11 +529,15 @@ def train(args: Args) -> dict:
     init_one = jax.jit(init)
     mean_std = (jnp.float32(obs_mean), jnp.float32(obs_std))
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k, *mean_std) for k in init_keys])
+    states, keys = shard(tile(states, len(points))), shard(tile(keys, len(points)))
 
-    logger = RunLogger("cql", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
+    logger = RunLogger("cql", args, meta, seeds=seeds, paper_steps=PAPER_STEPS, points=points)
     resolved = [*LOCOMOTION, "eval_episodes"]
     print(f"CQL on {args.dataset} ({meta.domain}, {meta.size} transitions), preset: "
-          + ", ".join(f"{k} {getattr(args, k)}" for k in resolved), flush=True)  # fmt: skip
+          + ", ".join(f"{k} {getattr(args, k)}" for k in resolved)
+          + (f"; sweep of {len(points)} points x {len(seeds)} seeds: {' '.join(args.sweep)}" if args.sweep else "")
+          + (f"; members sharded over {jax.device_count()} devices" if jax.device_count() > 1 else ""),
+          flush=True)  # fmt: skip
     step = 0
     if logger.resumed:
         ck = logger.load_checkpoint(states, keys)
@@ -522,7 +545,7 @@ def train(args: Args) -> dict:
         print(f"resumed from step {step}", flush=True)
 
     @jax.jit
-    def policy(params, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
+    def policy(params, carry, obs, prev_reward, rng):  # obs: (members, episodes, obs_dim)
         return jax.vmap(lambda p, m, sd, o: act(p, m, sd, o, rng, True))(*params, obs), carry
 
     if args.eval_only:
@@ -536,7 +559,7 @@ def train(args: Args) -> dict:
             chunks[n] = make_train_chunk(update, lambda data, k: sample_batch(data, k, args.batch_size), n)
         states, keys, metrics = chunks[n](states, keys, offline, hp)
         metrics = jax.device_get(metrics)
-        bad = first_nonfinite(metrics, step, seeds)
+        bad = first_nonfinite(metrics, step, members)
         if bad:
             logger.stop_nonfinite(bad)
         step += n

@@ -49,6 +49,7 @@ import optax
 from common.data import Meta, UserError, load_dataset
 from common.evaluation import default_eval_episodes, evaluate
 from common.logging import RunLogger, cli, first_nonfinite
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ class Args:
     max_ep_len: int | None = None
     """rows of the timestep embedding; later steps are clipped to the last row (None: the
     evaluation env's time limit, or 1000)"""
+    sweep: tuple[str, ...] = ()
+    """hyperparameter grid trained with the seeds as one program, e.g. --sweep learning-rate=1e-4,3e-4"""
 
 
 # Presets per domain. DATA_MAX stands for the dataset's best episode return.
@@ -134,6 +137,9 @@ DATASET_PRESETS: dict[str | tuple[str, str], dict] = {
 }
 PAD_ACTION = -10.0  # the official training padding; the mask hides it
 PAPER_STEPS = (100_000, 0)
+# The traced hyperparameters (Hyper), all of them: warmup_steps too, as it only enters the schedule
+# as the float divisor of lr * min((count + 1) / warmup_steps, 1), never a shape or a loop bound.
+SWEEPABLE = ("learning_rate", "weight_decay", "warmup_steps", "grad_clip")
 
 
 def preset_for(meta: Meta) -> dict[str, float]:
@@ -163,7 +169,14 @@ def resolve(args: Args, meta: Meta) -> Args:
 
 
 def validate(args: Args) -> None:
-    """DT's own flags, checked before anything loads (common's cli checks the shared ones)."""
+    """DT's own flags, checked before anything loads (common's cli checks the shared ones); every
+    --sweep point's values pass the same checks as the flags."""
+    points = sweep_points(args.sweep, args, SWEEPABLE)
+    for point in points:
+        check_flags(dataclasses.replace(args, **point))
+
+
+def check_flags(args: Args) -> None:
     checks = [
         (args.context_len >= 1, f"--context-len must be at least 1, got {args.context_len}"),
         (args.embed_dim >= 1, f"--embed-dim must be at least 1, got {args.embed_dim}"),
@@ -388,7 +401,7 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
 
 
 def make_train_chunk(update, batch_size: int, context_len: int, num_updates: int):
-    """A jitted scan of `num_updates` updates, vmapped over seeds; segments drawn inside the scan."""
+    """A jitted scan of `num_updates` updates, vmapped over members; segments drawn inside the scan."""
 
     def one_seed(state, key, data, hp):
         def body(carry, _):
@@ -400,7 +413,8 @@ def make_train_chunk(update, batch_size: int, context_len: int, num_updates: int
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, None)), donate_argnums=(0,))
+    vmapped = jax.vmap(one_seed, in_axes=(0, 0, None, 0))  # hp per member: the sweep's values are traced
+    return jax.jit(vmapped, donate_argnums=(0,))
 
 
 # --- Evaluation -------------------------------------------------------------------------------
@@ -475,17 +489,28 @@ def train(args: Args) -> dict:
     data, meta = load_dataset(args.dataset)
     given, args = args, resolve(args, meta)
     segments, obs_mean, obs_std = make_segments(data, args.rtg_scale, args.max_ep_len)
+    segments = replicate(segments)
     init, update, model = make_agent(args, meta.obs_dim, meta.action_dim)
-    hp = Hyper(*map(jnp.float32, (args.learning_rate, args.weight_decay, args.warmup_steps, args.grad_clip)))
+    # Members: every seed of every --sweep point (one point without --sweep), sharded over devices.
+    points = sweep_points(args.sweep, args, SWEEPABLE)
+    hp = shard(member_hyper(Hyper, args, points, args.num_seeds))
     seeds = list(range(args.seed, args.seed + args.num_seeds))
+    members = member_labels(points, seeds)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    # One jitted init per seed, stacked: seed i starts exactly as a single-seed run would.
+    # One jitted init per seed, stacked: seed i starts exactly as a single-seed run would. The
+    # optimizer state's structure and initial values do not depend on the hyperparameters, so the
+    # flags' scalar Hyper builds it for every grid point.
+    hp_init = Hyper(*map(jnp.float32, (args.learning_rate, args.weight_decay, args.warmup_steps, args.grad_clip)))
     init_one = jax.jit(init)
-    states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k, hp) for k in init_keys])
+    states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k, hp_init) for k in init_keys])
+    states, keys = shard(tile(states, len(points))), shard(tile(keys, len(points)))
 
-    logger = RunLogger("dt", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
-    print(describe_presets(given, args, meta), flush=True)
+    logger = RunLogger("dt", args, meta, seeds=seeds, paper_steps=PAPER_STEPS, points=points)
+    print(describe_presets(given, args, meta)
+          + (f"; sweep of {len(points)} points x {len(seeds)} seeds: {' '.join(args.sweep)}" if args.sweep else "")
+          + (f"; members sharded over {jax.device_count()} devices" if jax.device_count() > 1 else ""),
+          flush=True)  # fmt: skip
     step = 0
     if logger.resumed:
         ck = logger.load_checkpoint(states, keys)
@@ -493,8 +518,8 @@ def train(args: Args) -> dict:
         print(f"resumed from step {step}", flush=True)
 
     policy = make_policy(model, obs_mean, obs_std, args.rtg_scale, args.max_ep_len)
-    context = initial_context(
-        args.num_seeds, args.eval_episodes, args.context_len, meta.obs_dim, meta.action_dim,
+    context = initial_context(  # one window per environment of every member
+        len(members), args.eval_episodes, args.context_len, meta.obs_dim, meta.action_dim,
         args.target_return, args.rtg_scale,
     )  # fmt: skip
     if args.eval_only:
@@ -508,7 +533,7 @@ def train(args: Args) -> dict:
             chunks[n] = make_train_chunk(update, args.batch_size, args.context_len, n)
         states, keys, metrics = chunks[n](states, keys, segments, hp)
         metrics = jax.device_get(metrics)
-        bad = first_nonfinite(metrics, step, seeds)
+        bad = first_nonfinite(metrics, step, members)
         if bad:
             logger.stop_nonfinite(bad)
         step += n

@@ -43,6 +43,7 @@ import optax
 from common.data import Meta, load_dataset
 from common.evaluation import OnlineEnvs, default_eval_episodes, evaluate
 from common.logging import RunLogger, UserError, cli, first_nonfinite
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class Args:
     """initial entropy temperature of the balance model"""
     target_entropy: float = -0.5
     """target entropy of the balance model (the official -1/2 for its one dimension)"""
+    sweep: tuple[str, ...] = ()
+    """hyperparameter grid trained with the seeds as one program, e.g. --sweep expectile=0.7,0.9 beta-max=5,10"""
 
 
 # Presets per domain: the official AntMaze config (jax_iql/configs/family_antmaze_finetune_config.py);
@@ -126,6 +129,9 @@ ACTION_EPS = 1e-5  # the official code clips dataset actions to +-(1 - 1e-5)
 ENCODING_DIM, ENCODING_BASE = 6, 10_000.0
 BETA_STATES = 10_000  # dataset states on which each evaluation reports the balance model's beta
 PAPER_STEPS = (1_000_000, 1_000_000)
+# The traced hyperparameters (Hyper): the beta range only maps the balance model's tanh and draws the
+# offline betas, so it is traced too (each point's range is checked by validate).
+SWEEPABLE = ("expectile", "discount", "tau", "beta_min", "beta_max", "target_entropy")
 
 
 def resolve(args: Args, meta: Meta) -> Args:
@@ -139,8 +145,10 @@ def resolve(args: Args, meta: Meta) -> Args:
 
 
 def validate(args: Args) -> None:
-    if args.beta_min is not None and args.beta_max is not None and not args.beta_min < args.beta_max:
-        raise UserError(f"--beta-min ({args.beta_min}) must be below --beta-max ({args.beta_max})")
+    for point in sweep_points(args.sweep, args, SWEEPABLE):  # each grid point's beta range
+        lo, hi = point.get("beta_min", args.beta_min), point.get("beta_max", args.beta_max)
+        if lo is not None and hi is not None and not lo < hi:
+            raise UserError(f"--beta-min ({lo}) must be below --beta-max ({hi})")
     if args.init_temperature <= 0:
         raise UserError(f"--init-temperature must be positive, got {args.init_temperature}")
 
@@ -442,7 +450,7 @@ def sample_batch(data: Batch, key, batch_size: int) -> Batch:
 
 
 def make_train_chunk(update, batch_size: int, num_updates: int):
-    """A jitted scan of `num_updates` offline updates, vmapped over seeds; batches drawn inside the scan."""
+    """A jitted scan of `num_updates` offline updates, vmapped over members; batches drawn inside the scan."""
 
     def one_seed(state, key, data, hp):
         def body(carry, _):
@@ -454,13 +462,13 @@ def make_train_chunk(update, batch_size: int, num_updates: int):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, None, None))
+    vmapped = jax.vmap(one_seed, in_axes=(0, 0, None, 0))  # hp per member: the sweep's values are traced
     return jax.jit(vmapped, donate_argnums=(0,))
 
 
 def beta_spread(betas_of, states: TrainState, obs: jax.Array, hp: Hyper) -> dict:
-    """The balance model's deterministic beta on fixed dataset states, per seed (`betas_of`: the jitted
-    balance_beta vmapped over seeds): does it choose different balances for different states?"""
+    """The balance model's deterministic beta on fixed dataset states, per member (`betas_of`: the jitted
+    balance_beta vmapped over members): does it choose different balances for different states?"""
     betas = np.asarray(betas_of(states.balance, obs, hp))
     quantiles = np.percentile(betas, [5, 50, 95], axis=1)
     stats = {"mean": betas.mean(1), "std": betas.std(1), "min": betas.min(1), "p5": quantiles[0],
@@ -493,28 +501,29 @@ def make_online_step(update, act, batch_size: int, temperature: float):
         action = act((state.actor, state.balance), next_obs, k_act, False, hp, temperature)
         return state, key, buf, action, metrics
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0, None, 0, 0, None, None))
+    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0, None, 0, 0, None, 0))
     return jax.jit(vmapped, donate_argnums=(0, 2))
 
 
 def online_phase(args, meta, states, keys, offline, update, act, hp, logger, evaluate_all, reward_fn, seeds, ck=None):
-    """Fine-tune online from `states` (or continue from the checkpoint `ck` of an online phase)."""
+    """Fine-tune online from `states` (or continue from the checkpoint `ck` of an online phase);
+    `seeds` names the members (seeds, times the sweep's points), one environment each."""
     num_seeds = len(seeds)
-    envs = OnlineEnvs(meta, [args.seed + 1000 + i for i in range(num_seeds)])
+    envs = OnlineEnvs(meta, [args.seed + 1000 + i % args.num_seeds for i in range(num_seeds)])
     obs_dim, action_dim = meta.obs_dim, meta.action_dim
     shapes = [(obs_dim,), (action_dim,), (), (obs_dim,), ()]
-    # Per-seed online transitions (num_seeds, online_steps, ...); the offline data is shared.
-    buf = Batch(*(jnp.zeros((num_seeds, args.online_steps) + shape) for shape in shapes))
+    # Per-member online transitions (members, online_steps, ...); the offline data is shared.
+    buf = shard(Batch(*(jnp.zeros((num_seeds, args.online_steps) + shape) for shape in shapes)))
     step_fn = make_online_step(update, act, args.batch_size, args.exploration_temperature)
     if ck is None:
         t = 0
         obs = envs.reset()
-        act_jit = jax.jit(jax.vmap(lambda p, o, k: act(p, o, k, False, hp, args.exploration_temperature)))
+        act_jit = jax.jit(jax.vmap(lambda p, o, k, h: act(p, o, k, False, h, args.exploration_temperature)))
         keys, k_act = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-        actions = np.asarray(act_jit((states.actor, states.balance), obs, k_act))
+        actions = np.asarray(act_jit((states.actor, states.balance), obs, k_act, hp))
     else:  # the buffer's first t rows, the environments replayed to step t, the pending actions
         t = ck.step
-        buf = Batch(*(b.at[:, :t].set(ck.online[name]) for name, b in zip(Batch._fields, buf)))
+        buf = shard(Batch(*(b.at[:, :t].set(ck.online[name]) for name, b in zip(Batch._fields, buf))))
         obs = envs.restore(ck.host)
         actions = ck.host["next_actions"]
     logger.progress(args.online_steps, initial=t, desc="online")
@@ -555,19 +564,26 @@ def train(args: Args) -> dict:
         data.next_observations,
         1.0 - data.terminals.astype(jnp.float32),
     )
+    offline = replicate(offline)
     init, update, act, balance_beta, _ = make_agent(args, meta.obs_dim, meta.action_dim)
-    hp = Hyper(*(jnp.float32(x) for x in (args.expectile, args.discount, args.tau, args.beta_min, args.beta_max,
-                                          args.target_entropy)))  # fmt: skip
+    # Members: every seed of every --sweep point (one point without --sweep), sharded over devices.
+    points = sweep_points(args.sweep, args, SWEEPABLE)
+    hp = shard(member_hyper(Hyper, args, points, args.num_seeds))
     seeds = list(range(args.seed, args.seed + args.num_seeds))
+    members = member_labels(points, seeds)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     # One jitted init per seed, stacked (no batched QR from a vmapped orthogonal init: see iql.py).
     init_one = jax.jit(init)
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k) for k in init_keys])
+    states, keys = shard(tile(states, len(points))), shard(tile(keys, len(points)))
 
-    logger = RunLogger("famo2o", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
+    logger = RunLogger("famo2o", args, meta, seeds=seeds, paper_steps=PAPER_STEPS, points=points)
     print(f"FamO2O on {args.dataset} ({meta.domain}, {meta.size} transitions): expectile {args.expectile}, "
-          f"beta in ({args.beta_min}, {args.beta_max}), {args.eval_episodes} eval episodes", flush=True)  # fmt: skip
+          f"beta in ({args.beta_min}, {args.beta_max}), {args.eval_episodes} eval episodes"
+          + (f"; sweep of {len(points)} points x {len(seeds)} seeds: {' '.join(args.sweep)}" if args.sweep else "")
+          + (f"; members sharded over {jax.device_count()} devices" if jax.device_count() > 1 else ""),
+          flush=True)  # fmt: skip
     step, phase, ck = 0, "offline", None
     if logger.resumed:
         ck = logger.load_checkpoint(states, keys)
@@ -575,13 +591,13 @@ def train(args: Args) -> dict:
         print(f"resumed from {phase} step {step}", flush=True)
 
     @jax.jit
-    def policy(params, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
-        return jax.vmap(lambda p, o: act(p, o, rng, True, hp))(params, obs), carry
+    def policy(params, carry, obs, prev_reward, rng):  # obs: (members, episodes, obs_dim)
+        return jax.vmap(lambda p, o, h: act(p, o, rng, True, h))(params, obs, hp), carry
 
     if args.eval_only:
         return logger.loaded(policy, (states.actor, states.balance))
-    beta_obs = data.observations[:: max(1, meta.size // BETA_STATES)][:BETA_STATES]
-    betas_of = jax.jit(jax.vmap(balance_beta, in_axes=(0, None, None)))  # built once: compiled once
+    beta_obs = replicate(data.observations[:: max(1, meta.size // BETA_STATES)][:BETA_STATES])
+    betas_of = jax.jit(jax.vmap(balance_beta, in_axes=(0, None, 0)))  # built once: compiled once
 
     def evaluate_all(states, step, phase):
         result = evaluate(meta, policy, (states.actor, states.balance), num_episodes=args.eval_episodes,
@@ -601,7 +617,7 @@ def train(args: Args) -> dict:
                 chunks[n] = make_train_chunk(update, args.batch_size, n)
             states, keys, metrics = chunks[n](states, keys, offline, hp)
             metrics = jax.device_get(metrics)
-            bad = first_nonfinite(metrics, step, seeds)
+            bad = first_nonfinite(metrics, step, members)
             if bad:
                 logger.stop_nonfinite(bad)
             step += n
@@ -614,7 +630,7 @@ def train(args: Args) -> dict:
     if args.online_steps > 0 and not (phase == "online" and step >= args.online_steps):
         states = online_phase(
             args, meta, states, keys, offline, update, act, hp, logger, evaluate_all,
-            lambda r: np.asarray(r, np.float32) * scale + shift, seeds, ck if phase == "online" else None,
+            lambda r: np.asarray(r, np.float32) * scale + shift, members, ck if phase == "online" else None,
         )  # fmt: skip
     record = logger.close()
     final = record["final"]

@@ -47,7 +47,10 @@ orthogonal init: no batched QR). MOREC-MOBILE is not implemented. Presets (penal
 mode) per (robot, level) from generate_tmuxp_morec_mopo.py; other datasets take its base values
 (lambda 0.1, select). --no-filter is plain MOPO on the same model (one random elite sample a step)
 at the same rollout length; it still scores its transitions with r_D, for the comparison in the logs
-(filter/rejected_transitions: the fraction that r_D would have rejected).
+(filter/rejected_transitions: the fraction that r_D would have rejected). --sweep penalty_coef=V1,V2
+(or discount, tau, target_entropy) trains a grid of agents with the seeds as one program
+(common/members.py): the model and the dynamics reward are trained once per run and shared by every
+member, so a sweep covers the agent only (each member's rollouts apply its own penalty).
 
     python algorithms/morec.py --dataset local/hopper/medium-v0 --num-seeds 3     # paper budget (GPU)
     python algorithms/morec.py --total-steps 50000 --model-max-epochs 30 --rollouts-per-epoch 500
@@ -73,6 +76,7 @@ from flax import serialization
 from common.data import Meta, UserError, load_dataset
 from common.evaluation import default_eval_episodes, evaluate
 from common.logging import RunLogger, atomic_write, cli, first_nonfinite
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,10 @@ class Args:
     """the last this many snapshots are kept (the official max_retain_num)"""
     snapshot_interval: int = 10
     """every this-th kept snapshot is in the r_D ensemble (the official ensemble_choosing_interval for MOPO)"""
+    # --- Sweep ---
+    sweep: tuple[str, ...] = ()
+    """agent hyperparameter grid trained with the seeds as one program (one model and r_D for all), e.g.
+    --sweep penalty_coef=0.5,1 tau=0.005,0.01"""
 
 
 # (penalty lambda, filter) of MOREC-MOPO, per D4RL task: generate_tmuxp_morec_mopo.py's good_config.
@@ -206,6 +214,7 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # OfflineRL-Kit's TanhDiagGaussian sigma c
 HIDDEN_DECAYS, HEAD_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5), 1e-4  # official per-layer L2; deeper layers reuse the last
 DYNAMICS_FILE = "dynamics.msgpack"
 PAPER_STEPS = (3_000_000, 0)
+SWEEPABLE = ("penalty_coef", "discount", "tau", "target_entropy")  # the traced agent hyperparameters (Hyper)
 
 
 def resolve(args: Args, meta: Meta) -> Args:
@@ -223,7 +232,16 @@ def resolve(args: Args, meta: Meta) -> Args:
 
 
 def validate(args: Args) -> None:
-    """MOREC's own flags, checked before anything loads (common's cli checks the shared ones)."""
+    """MOREC's own flags, checked before anything loads (common's cli checks the shared ones); the
+    swept values too, each point's as if given alone."""
+    for point in sweep_points(args.sweep, args, SWEEPABLE):
+        check_flags(dataclasses.replace(args, **point))
+    if args.dynamics_path and not args.resume and not dynamics_file(args.dynamics_path).is_file():
+        raise UserError(f"--dynamics-path {args.dynamics_path}: no such file; give the {DYNAMICS_FILE} (or the "
+                        "run directory) of an earlier MOREC run")  # fmt: skip
+
+
+def check_flags(args: Args) -> None:
     checks = [
         (args.penalty_coef is None or args.penalty_coef >= 0, "--penalty-coef must be 0 or more"),
         (0 <= args.real_ratio <= 1, f"--real-ratio must be in [0, 1], got {args.real_ratio}"),
@@ -245,9 +263,6 @@ def validate(args: Args) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    if args.dynamics_path and not args.resume and not dynamics_file(args.dynamics_path).is_file():
-        raise UserError(f"--dynamics-path {args.dynamics_path}: no such file; give the {DYNAMICS_FILE} (or the "
-                        "run directory) of an earlier MOREC run")  # fmt: skip
 
 
 def dynamics_file(path: str) -> Path:
@@ -394,9 +409,12 @@ class TrainState(NamedTuple):
 
 
 class Hyper(NamedTuple):
+    """Numeric agent hyperparameters that do not change shapes, as float32 arrays (one per member)."""
+
     discount: jax.Array
     tau: jax.Array
     target_entropy: jax.Array
+    penalty_coef: jax.Array  # MOPO's lambda, used by the rollouts (not by `update`)
 
 
 # --- The dynamics model ---------------------------------------------------------------------------
@@ -819,7 +837,8 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
 
 # --- Training -------------------------------------------------------------------------------------
 def make_train_chunk(update, n_real: int, n_model: int, num_updates: int):
-    """A jitted scan of `num_updates` updates, vmapped over seeds, batches drawn inside the scan."""
+    """A jitted scan of `num_updates` updates, vmapped over members (seeds x sweep points, each with its
+    own buffer and hp), batches drawn inside the scan."""
 
     def one_seed(state, buffer, key, data, hp):
         def body(carry, _):
@@ -831,24 +850,26 @@ def make_train_chunk(update, n_real: int, n_model: int, num_updates: int):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None)), donate_argnums=(0,))
+    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0, None, 0))  # hp per member: the sweep's values are traced
+    return jax.jit(vmapped, donate_argnums=(0,))
 
 
 def make_rollouts(args: Args, sample_action, member, disc, done_fn, mode: str):
-    """A jitted round of rollouts in the model, vmapped over seeds: (actor params, buffers, keys, start
-    pool, dynamics, dynamics reward, penalty) -> (buffers, keys, stats)."""
+    """A jitted round of rollouts in the model, vmapped over members: (actor params, buffers, keys, start
+    pool, dynamics, dynamics reward, hp) -> (buffers, keys, stats); the pool, the model and r_D are
+    shared, each member's penalty is its hp.penalty_coef."""
 
-    def one_seed(actor_params, buffer, key, pool, dynamics, rm, penalty_coef):
+    def one_seed(actor_params, buffer, key, pool, dynamics, rm, hp):
         key, k_start, k_roll = jax.random.split(key, 3)
         start = pool[jax.random.randint(k_start, (args.rollouts_per_epoch,), 0, pool.shape[0])]
         policy = lambda obs, kk: sample_action(actor_params, obs, kk)[0]  # noqa: E731
         reward_fn = lambda o, a, n: dynamics_reward(disc, rm, o, a, n)  # noqa: E731
         step = lambda obs, a, kk: model_step(member, dynamics, obs, a, kk, done_fn, reward_fn, mode, args,  # noqa: E731
-                                             penalty_coef)  # fmt: skip
+                                             hp.penalty_coef)  # fmt: skip
         transitions, valid, info = generate_rollouts(policy, step, start, k_roll, args.rollout_length)
         return buffer_add(buffer, transitions, valid), key, rollout_stats(transitions, valid, info)
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None, None, None)), donate_argnums=(1,))
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None, None, 0)), donate_argnums=(1,))
 
 
 def buffer_summary(buffers: ModelBuffer) -> dict:
@@ -868,15 +889,20 @@ def train(args: Args) -> dict:
                           1.0 - data.terminals.astype(jnp.float32))  # fmt: skip
     init, update, act, sample_action, _ = make_agent(args, meta.obs_dim, meta.action_dim)
     target_entropy = -float(meta.action_dim) if args.target_entropy is None else args.target_entropy
-    hp = Hyper(*(jnp.float32(x) for x in (args.discount, args.tau, target_entropy)))
+    # Members: every seed of every --sweep point (one point without --sweep), sharded over devices.
+    points = sweep_points(args.sweep, args, SWEEPABLE)
+    hp = shard(member_hyper(Hyper, args, points, args.num_seeds, target_entropy=target_entropy))
     seeds = list(range(args.seed, args.seed + args.num_seeds))
+    members = member_labels(points, seeds)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     init_one = jax.jit(init)  # one jitted init per seed: seed i starts as a single-seed run would
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k) for k in init_keys])
+    states, keys = shard(tile(states, len(points))), shard(tile(keys, len(points)))
     capacity = args.rollouts_per_epoch * args.rollout_length * args.retain_epochs
     buffers = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[
         empty_buffer(capacity, meta.obs_dim, meta.action_dim) for _ in seeds])  # fmt: skip
+    buffers = shard(tile(buffers, len(points)))  # one model buffer per member, empty
     member, disc = DynamicsMember(args.model_hidden_dims, meta.obs_dim + 1), MLP(args.reward_hidden_dims, 1)
     template = model_template(args, meta.obs_dim, meta.action_dim)
     loaded = None
@@ -885,10 +911,12 @@ def train(args: Args) -> dict:
         if loaded[2].get("dataset_fingerprint") != meta.fingerprint:
             print(f"note: the dynamics model was trained on {loaded[2].get('dataset')} (another build)", flush=True)
 
-    logger = RunLogger("morec", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
+    logger = RunLogger("morec", args, meta, seeds=seeds, paper_steps=PAPER_STEPS, points=points)
     print(f"MOREC-MOPO on {args.dataset} ({meta.domain}, {meta.size} transitions): penalty {args.penalty_coef}, "
           f"filter {mode}, K {args.num_elites * args.samples_per_elite}, rollouts {args.rollouts_per_epoch} x "
-          f"{args.rollout_length}, termination {done_name}, {args.eval_episodes} eval episodes",
+          f"{args.rollout_length}, termination {done_name}, {args.eval_episodes} eval episodes"
+          + (f"; sweep of {len(points)} points x {len(seeds)} seeds: {' '.join(args.sweep)}" if args.sweep else "")
+          + (f"; members sharded over {jax.device_count()} devices" if jax.device_count() > 1 else ""),
           flush=True)  # fmt: skip
     path = logger.run_dir / DYNAMICS_FILE
     if logger.resumed:
@@ -908,10 +936,11 @@ def train(args: Args) -> dict:
         logger.record["presets"] = {"penalty_coef": args.penalty_coef, "filter": args.filter,
                                     "source": "generate_tmuxp_morec_mopo.py"
                                     if (meta.robot, meta.level) in DATASET_PRESETS else "its base values"}  # fmt: skip
+    offline, dynamics, rm = replicate(offline), replicate(dynamics), replicate(rm)  # shared by every member
     step = 0
-    if logger.resumed:
+    if logger.resumed:  # the templates are the members' (tiled) states and buffers
         ck = logger.load_checkpoint(states, keys, online_template=buffers)
-        states, step, keys, buffers = ck.state, ck.step, ck.rng, ck.online
+        states, step, keys, buffers = shard(ck.state), ck.step, shard(ck.rng), shard(ck.online)
         print(f"resumed from step {step}", flush=True)
 
     @jax.jit
@@ -921,7 +950,6 @@ def train(args: Args) -> dict:
     if args.eval_only:
         return logger.loaded(policy, states.actor)
     rollouts = make_rollouts(args, sample_action, member, disc, done_fn, mode)
-    penalty = jnp.float32(args.penalty_coef)
     n_real = int(args.real_ratio * args.batch_size)
     epoch, chunks = args.updates_per_epoch, {}
     t0 = time.time()
@@ -930,8 +958,7 @@ def train(args: Args) -> dict:
         start, target, chunk_metrics, rounds = step, min(step + args.eval_every, args.total_steps), [], []
         while step < target:
             if step % epoch == 0:  # a round of rollouts starts every epoch
-                buffers, keys, stats = rollouts(states.actor, buffers, keys, offline.observations, dynamics, rm,
-                                                penalty)  # fmt: skip
+                buffers, keys, stats = rollouts(states.actor, buffers, keys, offline.observations, dynamics, rm, hp)
                 stats = {name: float(np.mean(v)) for name, v in jax.device_get(stats).items()}
                 logger.scalars(step, stats)
                 rounds.append(stats)
@@ -944,7 +971,7 @@ def train(args: Args) -> dict:
             logger.advance(n)
         chunk_metrics = jax.device_get(chunk_metrics)
         metrics = {name: np.concatenate([m[name] for m in chunk_metrics], 1) for name in chunk_metrics[0]}
-        bad = first_nonfinite(metrics, start, seeds)
+        bad = first_nonfinite(metrics, start, members)
         if bad:
             logger.stop_nonfinite(bad)
         logger.metrics(step, metrics)

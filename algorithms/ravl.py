@@ -39,7 +39,10 @@ env's (test sets), anything else never (halfcheetah, mazes). Presets: the paper'
 N 10, eta 1, k 5, r 0.05. --true-dynamics steps the simulator from dataset states instead (host
 side; envs whose observation is their joint positions and velocities: hopper, walker2d,
 halfcheetah, InvertedPendulum), for the paper's claim: RAVL keeps learning there, while the same
-agent without value pessimism (--num-critics 2 --eta 0) collapses.
+agent without value pessimism (--num-critics 2 --eta 0) collapses. --sweep eta=V1,V2 (or discount,
+tau, target_entropy) trains a grid of agents with the seeds as one program (common/members.py): the
+dynamics model is trained once per run and shared by every member, so a sweep covers the agent only
+(with eta swept, the diversity term is built for all members, times 0 where eta is 0).
 
     python algorithms/ravl.py --dataset local/hopper/medium-v0 --num-seeds 3   # paper budget (GPU)
     python algorithms/ravl.py --total-steps 50000 --model-max-epochs 30 --rollouts-per-epoch 5000
@@ -67,6 +70,7 @@ from flax import serialization
 from common.data import Meta, UserError, load_dataset
 from common.evaluation import default_eval_episodes, evaluate
 from common.logging import RunLogger, atomic_write, cli, first_nonfinite
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,10 @@ class Args:
     """epochs of dynamics training at most (lower it for CPU budgets)"""
     model_min_epochs: int = 350
     """epochs before early stopping may end dynamics training"""
+    # --- Sweep ---
+    sweep: tuple[str, ...] = ()
+    """agent hyperparameter grid trained with the seeds as one program (one dynamics model for all), e.g.
+    --sweep eta=0.5,1 tau=0.005,0.01"""
 
 
 DEFAULTS = dict(num_critics=10, eta=1.0, rollout_length=5, dataset_ratio=0.05)  # the official README example
@@ -164,6 +172,7 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # EDAC's clip of the actor's log-std
 HIDDEN_DECAYS, HEAD_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5), 1e-4  # official per-layer L2; deeper layers reuse the last
 DYNAMICS_FILE = "dynamics.msgpack"
 PAPER_STEPS = (3_000_000, 0)
+SWEEPABLE = ("eta", "discount", "tau", "target_entropy")  # the traced agent hyperparameters (Hyper)
 
 
 def resolve(args: Args, meta: Meta) -> Args:
@@ -176,7 +185,16 @@ def resolve(args: Args, meta: Meta) -> Args:
 
 
 def validate(args: Args) -> None:
-    """RAVL's own flags, checked before anything loads (common's cli checks the shared ones)."""
+    """RAVL's own flags, checked before anything loads (common's cli checks the shared ones); the
+    swept values too, each point's as if given alone."""
+    for point in sweep_points(args.sweep, args, SWEEPABLE):
+        check_flags(dataclasses.replace(args, **point))
+    if args.dynamics_path and not args.resume and not dynamics_file(args.dynamics_path).is_file():
+        raise UserError(f"--dynamics-path {args.dynamics_path}: no such file; give the {DYNAMICS_FILE} (or the "
+                        "run directory) of an earlier RAVL run")  # fmt: skip
+
+
+def check_flags(args: Args) -> None:
     checks = [
         (args.num_critics is None or args.num_critics >= 1, f"--num-critics must be at least 1: {args.num_critics}"),
         (args.eta is None or args.eta >= 0, f"--eta must be 0 or more, got {args.eta}"),
@@ -198,9 +216,6 @@ def validate(args: Args) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    if args.dynamics_path and not args.resume and not dynamics_file(args.dynamics_path).is_file():
-        raise UserError(f"--dynamics-path {args.dynamics_path}: no such file; give the {DYNAMICS_FILE} (or the "
-                        "run directory) of an earlier RAVL run")  # fmt: skip
 
 
 def dynamics_file(path: str) -> Path:
@@ -643,7 +658,8 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
     """init, update, act and sample_action for one seed, and the losses (for tests)."""
     actor, critic = Actor(args.hidden_dims, action_dim), Critic(args.hidden_dims)
     actor_tx, critic_tx, alpha_tx = optax.adam(args.actor_lr), optax.adam(args.critic_lr), optax.adam(args.alpha_lr)
-    diversity_on = args.eta > 0  # static: with eta 0 the second-order term is not built at all
+    # Static: with eta 0 (on every --sweep point) the second-order term is not built at all.
+    diversity_on = any(point.get("eta", args.eta) > 0 for point in sweep_points(args.sweep, args, SWEEPABLE))
 
     def q_all(params, obs, actions):  # (N, B)
         return jax.vmap(critic.apply, in_axes=(0, None, None))(params, obs, actions)
@@ -723,8 +739,9 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
 
 # --- Training -------------------------------------------------------------------------------------
 def make_train_chunk(update, n_real: int, n_model: int, num_updates: int):
-    """A jitted scan of `num_updates` updates, vmapped over seeds; each batch mixes dataset and model
-    rows, drawn inside the scan from device-resident data."""
+    """A jitted scan of `num_updates` updates, vmapped over members (seeds x sweep points, each with its
+    own buffer and hp); each batch mixes dataset and model rows, drawn inside the scan from
+    device-resident data."""
 
     def one_seed(state, buffer, key, data, hp):
         def body(carry, _):
@@ -736,12 +753,13 @@ def make_train_chunk(update, n_real: int, n_model: int, num_updates: int):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None)), donate_argnums=(0,))
+    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0, None, 0))  # hp per member: the sweep's values are traced
+    return jax.jit(vmapped, donate_argnums=(0,))
 
 
 def make_model_rollouts(sample_action, member, done_fn, num: int, k: int):
-    """A jitted round of rollouts in the model, vmapped over seeds: (actor params, buffers, keys,
-    start pool, dynamics) -> (buffers, keys, stats)."""
+    """A jitted round of rollouts in the model, vmapped over members: (actor params, buffers, keys,
+    start pool, dynamics) -> (buffers, keys, stats); the pool and the dynamics are shared."""
 
     def one_seed(actor_params, buffer, key, pool, dynamics):
         key, k_start, k_roll = jax.random.split(key, 3)
@@ -786,7 +804,7 @@ def make_simulator_rollouts(sample_action, sim: Simulator, num: int, k: int):
 
 
 def buffer_summary(buffers: ModelBuffer) -> dict:
-    """Per seed: rows in the model buffer, their mean reward and terminal fraction (for the record)."""
+    """Per member: rows in the model buffer, their mean reward and terminal fraction (for the record)."""
     size = np.asarray(buffers.size)
     filled = np.arange(buffers.data.rewards.shape[1])[None] < size[:, None]
     mean = lambda x: ((np.asarray(x) * filled).sum(1) / np.maximum(size, 1)).round(4).tolist()  # noqa: E731
@@ -802,15 +820,20 @@ def train(args: Args) -> dict:
                           1.0 - data.terminals.astype(jnp.float32))  # fmt: skip
     init, update, act, sample_action, _ = make_agent(args, meta.obs_dim, meta.action_dim)
     target_entropy = -float(meta.action_dim) if args.target_entropy is None else args.target_entropy
-    hp = Hyper(*(jnp.float32(x) for x in (args.eta, args.discount, args.tau, target_entropy)))
+    # Members: every seed of every --sweep point (one point without --sweep), sharded over devices.
+    points = sweep_points(args.sweep, args, SWEEPABLE)
+    hp = shard(member_hyper(Hyper, args, points, args.num_seeds, target_entropy=target_entropy))
     seeds = list(range(args.seed, args.seed + args.num_seeds))
+    members = member_labels(points, seeds)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     init_one = jax.jit(init)  # one jitted init per seed, stacked: seed i starts as a single-seed run would
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k) for k in init_keys])
+    states, keys = shard(tile(states, len(points))), shard(tile(keys, len(points)))
     num, k = args.rollouts_per_epoch, args.rollout_length
     buffers = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[
         empty_buffer(num * k * args.retain_epochs, meta.obs_dim, meta.action_dim) for _ in seeds])  # fmt: skip
+    buffers = shard(tile(buffers, len(points)))  # one model buffer per member, empty
     member, template = DynamicsMember(args.model_hidden_dims, meta.obs_dim + 1), None
     if not args.true_dynamics:
         template = dynamics_template(args, meta.obs_dim, meta.action_dim)
@@ -821,10 +844,13 @@ def train(args: Args) -> dict:
             print(f"note: the dynamics model was trained on {info.get('dataset')} (another build)", flush=True)
     sim = Simulator(meta) if args.true_dynamics else None
 
-    logger = RunLogger("ravl", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
+    logger = RunLogger("ravl", args, meta, seeds=seeds, paper_steps=PAPER_STEPS, points=points)
     print(f"RAVL on {args.dataset} ({meta.domain}, {meta.size} transitions): N {args.num_critics}, eta {args.eta}, "
           f"k {k}, dataset ratio {args.dataset_ratio}, termination {done_name}, "
-          f"{'true' if sim else 'learnt'} dynamics, {args.eval_episodes} eval episodes", flush=True)  # fmt: skip
+          f"{'true' if sim else 'learnt'} dynamics, {args.eval_episodes} eval episodes"
+          + (f"; sweep of {len(points)} points x {len(seeds)} seeds: {' '.join(args.sweep)}" if args.sweep else "")
+          + (f"; members sharded over {jax.device_count()} devices" if jax.device_count() > 1 else ""),
+          flush=True)  # fmt: skip
     if args.true_dynamics and not logger.resumed:
         logger.record["dynamics"] = {"source": "simulator"}
     elif not args.true_dynamics:
@@ -841,14 +867,15 @@ def train(args: Args) -> dict:
                 info["source"] = str(dynamics_file(args.dynamics_path))
             save_dynamics(path, dynamics, info)
             logger.record["dynamics"] = info
+    offline, dynamics = replicate(offline), replicate(dynamics)  # shared by every member (and device)
     step = 0
-    if logger.resumed:
+    if logger.resumed:  # the templates are the members' (tiled) states and buffers
         ck = logger.load_checkpoint(states, keys, online_template=buffers)
-        states, step, keys, buffers = ck.state, ck.step, ck.rng, ck.online
+        states, step, keys, buffers = shard(ck.state), ck.step, shard(ck.rng), shard(ck.online)
         print(f"resumed from step {step}", flush=True)
 
     @jax.jit
-    def policy(actor_params, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
+    def policy(actor_params, carry, obs, prev_reward, rng):  # obs: (members, episodes, obs_dim)
         return jax.vmap(lambda p, o: act(p, o, rng, True))(actor_params, obs), carry
 
     if args.eval_only:
@@ -876,7 +903,7 @@ def train(args: Args) -> dict:
             logger.advance(n)
         chunk_metrics = jax.device_get(chunk_metrics)
         metrics = {name: np.concatenate([m[name] for m in chunk_metrics], 1) for name in chunk_metrics[0]}
-        bad = first_nonfinite(metrics, start, seeds)
+        bad = first_nonfinite(metrics, start, members)
         if bad:
             logger.stop_nonfinite(bad)
         logger.metrics(step, metrics)

@@ -69,6 +69,7 @@ import optax
 from common.data import Meta, UserError, load_dataset
 from common.evaluation import default_eval_episodes, evaluate
 from common.logging import RunLogger, cli, first_nonfinite
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,8 @@ class Args:
     """critic: a residual Mish MLP, equal sizes"""
     noise_hidden_dims: tuple[int, ...] = (64, 64)
     """noise net: a Tanh MLP"""
+    sweep: tuple[str, ...] = ()
+    """hyperparameter grid trained with the seeds as one program, e.g. --sweep clip-coef=0.01,0.05 ent-coef=0,0.03"""
 
 
 # Presets from the official fine-tuning configs (cfg/gym/finetune/<robot>/ft_ppo_reflow_mlp.yaml).
@@ -190,6 +193,9 @@ LOGPROB_MIN, LOGPROB_MAX = -1.0, 1.0  # normalized log-probabilities are clamped
 REWARD_CLIP = 10.0  # scaled rewards
 LR_CYCLE, LR_WARMUP = 100, 10  # iterations: CosineAnnealingWarmupRestarts of the fine-tuning configs
 PAPER_STEPS = (300_000, 80_000_000)
+# The traced hyperparameters (Hyper); not sigma_min, which also sets the host-side noise schedule.
+SWEEPABLE = ("learning_rate", "weight_decay", "ema_decay", "discount", "gae_lambda", "clip_coef", "ent_coef",
+             "vf_coef", "target_kl", "critic_weight_decay")  # fmt: skip
 
 
 def resolve(args: Args, meta: Meta) -> Args:
@@ -204,7 +210,13 @@ def resolve(args: Args, meta: Meta) -> Args:
 
 
 def validate(args: Args) -> None:
-    """ReinFlow's own flags, checked before anything loads (common's cli checks the shared ones)."""
+    """ReinFlow's own flags, checked before anything loads (common's cli checks the shared ones), with
+    each --sweep point's values."""
+    for point in sweep_points(args.sweep, args, SWEEPABLE):
+        check(dataclasses.replace(args, **point))
+
+
+def check(args: Args) -> None:
     positive = ("chunk_len", "denoising_steps", "ema_every", "num_envs", "rollout_chunks", "update_epochs",
                 "num_minibatches", "repeat_samples", "learning_rate", "clip_coef", "actor_lr", "critic_lr")  # fmt: skip
     for name in positive:
@@ -632,7 +644,7 @@ def chunk_starts(episode_starts: np.ndarray, chunk_len: int) -> np.ndarray:
 
 
 def make_pretrain_chunk(update, batch_size: int, chunk_len: int, num_updates: int):
-    """A jitted scan of `num_updates` pre-training updates, vmapped over seeds; chunks drawn inside the scan."""
+    """A jitted scan of `num_updates` pre-training updates, vmapped over members; chunks drawn inside the scan."""
 
     def one_seed(state, key, data: ChunkData, hp):
         def body(carry, _):
@@ -646,7 +658,8 @@ def make_pretrain_chunk(update, batch_size: int, chunk_len: int, num_updates: in
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, None)), donate_argnums=(0,))
+    # hp per member: the sweep's values are traced
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, 0)), donate_argnums=(0,))
 
 
 # --- Environments -----------------------------------------------------------------------------
@@ -700,26 +713,28 @@ class ChunkEnvs:
 
 # --- Online fine-tuning -----------------------------------------------------------------------
 def online_phase(args, meta, states, keys, agent, hp, normalize, logger, evaluate_all, seeds, ck=None):
-    """PPO fine-tuning from `states` (or continued from the checkpoint `ck` of an online phase)."""
+    """PPO fine-tuning from `states` (or continued from the checkpoint `ck` of an online phase); `seeds`
+    names the members (seeds, times the sweep's points), --num-envs environments each."""
     _, _, ppo_update, parts = agent
     S, E, T, K = len(seeds), args.num_envs, args.rollout_chunks, args.denoising_steps
     per_iter = E * T * args.chunk_len
     num_iters = -(-args.online_steps // per_iter)
-    envs = ChunkEnvs(meta, [1000 + seed * E + j for seed in seeds for j in range(E)])
+    # Member m runs the environments of its seed args.seed + m % num_seeds, reset as a plain run's.
+    envs = ChunkEnvs(meta, [1000 + (args.seed + m % args.num_seeds) * E + j for m in range(S) for j in range(E)])
 
-    def explore(velocity, noise, obs, key, sigma_max):  # one seed: obs (E, obs_dim)
+    def explore(velocity, noise, obs, key, sigma_max, hp):  # one member: obs (E, obs_dim)
         key, k = jax.random.split(key)
         chain, log_prob = parts["sample_chain"]((velocity, noise), normalize(obs), k, sigma_max, hp, time_grid(K))
         return chain, log_prob, key
 
-    explore_all = jax.jit(jax.vmap(explore, in_axes=(0, 0, 0, 0, None)))
+    explore_all = jax.jit(jax.vmap(explore, in_axes=(0, 0, 0, 0, None, 0)))
 
-    def update(state, rollout, key, sched):
+    def update(state, rollout, key, sched, hp):
         key, k = jax.random.split(key)
         state, metrics = ppo_update(state, rollout, k, hp, sched, normalize)
         return state, key, metrics
 
-    update_all = jax.jit(jax.vmap(update, in_axes=(0, 0, 0, None)), donate_argnums=(0,))
+    update_all = jax.jit(jax.vmap(update, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0,))
     if ck is None:
         it, obs = 0, envs.reset()
     else:  # the environments replayed to the checkpoint's iteration
@@ -738,7 +753,7 @@ def online_phase(args, meta, states, keys, agent, hp, normalize, logger, evaluat
         t0 = time.time()
         for c in range(T):
             chains, log_probs, keys = explore_all(states.velocity, states.noise, obs.reshape(S, E, -1), keys,
-                                                  sched.sigma_max)  # fmt: skip
+                                                  sched.sigma_max, hp)  # fmt: skip
             chains = np.asarray(chains)
             chunk_actions = chains[:, :, -1].reshape(S * E, args.chunk_len, meta.action_dim)
             next_obs, reward, term, trunc, true_next = envs.step(chunk_actions)
@@ -747,8 +762,8 @@ def online_phase(args, meta, states, keys, agent, hp, normalize, logger, evaluat
                                 ("next_observations", true_next)):  # fmt: skip
                 buf[name][c] = np.asarray(value).reshape(buf[name].shape[1:])
             obs = next_obs
-        rollout = Rollout(**{k: jnp.asarray(np.swapaxes(v, 0, 1)) for k, v in buf.items()})  # (S, T, E, ...)
-        states, keys, metrics = update_all(states, rollout, keys, Schedule(*map(jnp.asarray, sched)))
+        rollout = shard(Rollout(**{k: jnp.asarray(np.swapaxes(v, 0, 1)) for k, v in buf.items()}))  # (S, T, E, ...)
+        states, keys, metrics = update_all(states, rollout, keys, Schedule(*map(jnp.asarray, sched)), hp)
         metrics = {k: np.asarray(v)[:, None] for k, v in jax.device_get(metrics).items()}
         since_eval, steps_since = since_eval + time.time() - t0, steps_since + per_iter
         it += 1
@@ -784,22 +799,27 @@ def train(args: Args) -> dict:
     starts = chunk_starts(np.asarray(data.episode_starts), args.chunk_len)
     if len(starts) == 0:
         raise UserError(f"{args.dataset}: no episode has {args.chunk_len} steps, so there is no action chunk to learn")
-    chunk_data = ChunkData(normalize(jnp.asarray(observations)), data.actions, jnp.asarray(starts))
+    chunk_data = replicate(ChunkData(normalize(jnp.asarray(observations)), data.actions, jnp.asarray(starts)))
     agent = make_agent(args, meta.obs_dim, meta.action_dim, num_chunks=len(starts))
     init, pretrain_update, _, parts = agent
-    hp = Hyper(*map(jnp.float32, (args.learning_rate, args.weight_decay, args.ema_decay, args.discount,
-                                  args.gae_lambda, args.clip_coef, args.ent_coef, args.vf_coef, args.target_kl,
-                                  args.sigma_min, args.critic_weight_decay)))  # fmt: skip
+    # Members: every seed of every --sweep point (one point without --sweep), sharded over devices.
+    points = sweep_points(args.sweep, args, SWEEPABLE)
+    hp = shard(member_hyper(Hyper, args, points, args.num_seeds))
     seeds = list(range(args.seed, args.seed + args.num_seeds))
+    members = member_labels(points, seeds)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init_keys, keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     # One jitted init per seed, stacked: seed i starts exactly as a single-seed run would (and no
     # batched initializer reaches LAPACK, see iql.py).
     init_one = jax.jit(init)
     states = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(k) for k in init_keys])
+    states, keys = shard(tile(states, len(points))), shard(tile(keys, len(points)))
 
-    logger = RunLogger("reinflow", args, meta, seeds=seeds, paper_steps=PAPER_STEPS)
-    print(describe_presets(given, args, meta), flush=True)
+    logger = RunLogger("reinflow", args, meta, seeds=seeds, paper_steps=PAPER_STEPS, points=points)
+    print(describe_presets(given, args, meta)
+          + (f"; sweep of {len(points)} points x {len(seeds)} seeds: {' '.join(args.sweep)}" if args.sweep else "")
+          + (f"; members sharded over {jax.device_count()} devices" if jax.device_count() > 1 else ""),
+          flush=True)  # fmt: skip
     step, phase, ck = 0, "offline", None
     if logger.resumed:
         ck = logger.load_checkpoint(states, keys)
@@ -809,20 +829,21 @@ def train(args: Args) -> dict:
     K, Ta = args.denoising_steps, args.chunk_len
 
     @jax.jit
-    def policy(velocity, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)
+    def policy(velocity, carry, obs, prev_reward, rng):  # obs: (members, episodes, obs_dim)
         """The noise-free chain, a new chunk every Ta steps, executed open-loop; the carry holds the
-        chunk and the step (every evaluation episode starts together)."""
+        chunk and the step (every evaluation episode starts together). Member m draws seed m % num_seeds's
+        noise, as a plain run does."""
         chunk, t = carry
 
         def new_chunk(_):
-            keys = jax.random.split(rng, obs.shape[0])
+            keys = tile(jax.random.split(rng, args.num_seeds), obs.shape[0] // args.num_seeds)
             x = jax.vmap(lambda p, o, k: parts["denoise"](p, normalize(o), k, time_grid(K)))(velocity, obs, keys)
             return x.reshape(chunk.shape)
 
         chunk = jax.lax.cond(t % Ta == 0, new_chunk, lambda _: chunk, None)
         return chunk[:, :, t % Ta], (chunk, t + 1)
 
-    carry = (jnp.zeros((args.num_seeds, args.eval_episodes, Ta, meta.action_dim)), jnp.int32(0))
+    carry = (jnp.zeros((len(members), args.eval_episodes, Ta, meta.action_dim)), jnp.int32(0))
 
     def evaluate_all(states, step, phase, extra=None):
         velocity = states.ema if phase == "offline" else states.velocity  # fine-tuning starts from the EMA
@@ -843,7 +864,7 @@ def train(args: Args) -> dict:
                 chunks[n] = make_pretrain_chunk(pretrain_update, args.batch_size, Ta, n)
             states, keys, metrics = chunks[n](states, keys, chunk_data, hp)
             metrics = jax.device_get(metrics)
-            bad = first_nonfinite(metrics, step, seeds)
+            bad = first_nonfinite(metrics, step, members)
             if bad:
                 logger.stop_nonfinite(bad)
             step += n
@@ -856,7 +877,7 @@ def train(args: Args) -> dict:
     if args.online_steps > 0 and not (phase == "online" and step >= args.online_steps):
         if phase == "offline":  # fine-tuning starts from the EMA weights (own buffers: the state is donated)
             states = states._replace(velocity=jax.tree_util.tree_map(jnp.copy, states.ema))
-        states = online_phase(args, meta, states, keys, agent, hp, normalize, logger, evaluate_all, seeds,
+        states = online_phase(args, meta, states, keys, agent, hp, normalize, logger, evaluate_all, members,
                               ck if phase == "online" else None)  # fmt: skip
     record = logger.close()
     final = record["final"]

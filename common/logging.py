@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from common.data import REPO_ROOT, Meta, UserError
 from common.evaluation import EvalResult, evaluate, headless_gl
-from common.members import point_label
+from common.members import point_label, shard
 
 CONFIG, RECORD, CHECKPOINT = "config.json", "record.json", "checkpoint.msgpack"
 BUDGET_FLAGS = ("total_steps", "online_steps")  # may grow on --resume
@@ -580,7 +580,10 @@ class RunLogger:
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.run_dir / CHECKPOINT} does not fit this run's networks ({e})") from None
         host = {k: np.array(v) for k, v in raw.get("host", {}).items()}  # writable copies
-        return Checkpoint(state, self.resumed.step, rng, self.resumed.phase, online, host)
+        if online_template is not None and online is not None:
+            online = shard(online)
+        # members spread over the devices again, as a fresh run places them
+        return Checkpoint(shard(state), self.resumed.step, shard(rng), self.resumed.phase, online, host)
 
     def close(self, finished: bool = True) -> dict:
         """Close the logs; `finished` marks a run that reached its budget."""
@@ -705,7 +708,8 @@ def report_eval_only(loaded: LoadedPolicy, args: Any) -> dict:
     last = loaded.record["evaluations"][-1] if loaded.record.get("evaluations") else None
     before = f"; the record's last evaluation: {summarize(last)['normalized_mean']:.1f}" if last else ""
     print(f"{loaded.run_dir} ({loaded.phase} step {loaded.step}): normalized {summary['normalized_mean']:.1f} ± "
-          f"{summary['normalized_std']:.1f} over {args.eval_episodes} episodes x {len(summary['per_seed'])} seeds "
+          f"{summary['normalized_std']:.1f} over {args.eval_episodes} episodes x {len(summary['per_seed'])} "
+          f"{'members' if 'sweep' in loaded.record else 'seeds'} "
           f"(reset seed {args.seed}){before}; written to {out / (stem + '.json')}", flush=True)  # fmt: skip
     return entry
 

@@ -1,6 +1,9 @@
 """Throughput of an algorithm's full-size update: the file's own jitted `lax.scan` of updates,
-vmapped over 1 and 8 seeds, against a plain hand-written jitted single-seed loop (one jitted call
-per update from Python, as CleanRL-style code does) measured in the same run.
+vmapped over 1, 4 and 16 seeds and over a 3 x 3 hyperparameter sweep x 3 seeds (its --sweep path),
+against a plain hand-written jitted single-seed loop (one jitted call per update from Python, as
+CleanRL-style code does) measured in the same run. Also: the update's FLOPs from XLA's cost
+analysis, the machine's measured float32 matmul peak, and the fraction of it each configuration
+achieves.
 
     python results/benchmark.py --algo iql          # writes results/throughput/iql__<device>.json
     python results/benchmark.py --table             # regenerates results/throughput/README.md
@@ -69,12 +72,25 @@ HOPPER_MEDIUM = SimpleNamespace(domain="locomotion", robot="hopper", level="medi
 
 
 def per_member(chunk: Callable) -> Callable:
-    """A chunk that takes hyperparameters per member (a file with --sweep), given the same to all."""
+    """A file's chunk takes hyperparameters per member (--sweep): scalars are given to every member."""
 
     def run(states, keys, data, hp):
         return chunk(states, keys, data, jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, keys.shape[:1]), hp))
 
     return run
+
+
+def sweep_hyper(hp, names: tuple[str, ...], num_seeds: int):
+    """A 3 x 3 grid over the first two sweepable hyperparameters (0.9x, 1x, 1.1x each), x seeds."""
+    a, b = names[:2]
+    points = [(x, y) for x in (0.9, 1.0, 1.1) for y in (0.9, 1.0, 1.1)]
+
+    def column(name):
+        value = getattr(hp, name)
+        scale = [x if name == a else y if name == b else 1.0 for x, y in points for _ in range(num_seeds)]
+        return jnp.asarray(scale, jnp.float32) * value
+
+    return type(hp)(*(column(name) for name in type(hp)._fields)), f"{a} x {b}, 3 x 3"
 
 
 def iql_setup(module, batch_size: int) -> Setup:
@@ -98,7 +114,7 @@ def famo2o_setup(module, batch_size: int) -> Setup:
     return Setup(
         init, update, random_transitions(module.Batch), hp,
         lambda data, key: module.sample_batch(data, key, batch_size),
-        lambda n: module.make_train_chunk(update, batch_size, n),
+        lambda n: per_member(module.make_train_chunk(update, batch_size, n)),
         "universal policy, balance model and critics 256-256 (paper size)",
     )  # fmt: skip
 
@@ -110,7 +126,7 @@ def cql_setup(module, batch_size: int) -> Setup:
     zeros, ones = jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM)
     calql = module.__name__ == "cal_ql"
     sample = lambda data, key: module.sample_batch(data, key, batch_size)  # noqa: E731
-    make_chunk = lambda n: module.make_train_chunk(update, sample, n, None)  # noqa: E731
+    make_chunk = lambda n: per_member(module.make_train_chunk(update, sample, n, None))  # noqa: E731
     return Setup(
         lambda key: init(key, zeros, ones), update, random_transitions(module.Batch, extra=int(calql)),
         module.make_hyper(args, ACTION_DIM), sample, make_chunk,
@@ -137,7 +153,7 @@ def dt_setup(module, batch_size: int) -> Setup:
     return Setup(
         lambda key: init(key, hp), update, data, hp,
         lambda data, key: module.sample_batch(data, key, batch_size, args.context_len),
-        lambda n: module.make_train_chunk(update, batch_size, args.context_len, n),
+        lambda n: per_member(module.make_train_chunk(update, batch_size, args.context_len, n)),
         f"GPT {args.num_layers} layers, {args.embed_dim} embedding, {args.num_heads} head, K {args.context_len} "
         "(paper size)",
     )  # fmt: skip
@@ -154,15 +170,43 @@ def init_seeds(init, num_seeds: int):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[init_one(jax.random.key(s)) for s in range(num_seeds)])
 
 
-def time_plain_loop(setup: Setup, updates: int) -> dict:
-    """One jitted call per update (batch sampled inside it), called from a Python loop."""
-
+def plain_step(setup: Setup):
     @jax.jit
     def step(state, key):
         key, k_batch, k_update = jax.random.split(key, 3)
         state, metrics = setup.update(state, setup.sample(setup.data, k_batch), k_update, setup.hp)
         return state, key, jax.tree_util.tree_leaves(metrics)[0]
 
+    return step
+
+
+def flops_per_update(setup: Setup) -> float:
+    """XLA's count of floating-point operations of one single-seed update (batch sampling included)."""
+    state, key = jax.jit(setup.init)(jax.random.key(0)), jax.random.key(1)
+    cost = plain_step(setup).lower(state, key).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def matmul_peak(n: int = 2048, reps: int = 20) -> float:
+    """Measured float32 FLOP/s of a large square matmul on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(lambda a, b: a @ b)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = mm(a, b)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * n**3 / best
+
+
+def time_plain_loop(setup: Setup, updates: int) -> dict:
+    """One jitted call per update (batch sampled inside it), called from a Python loop."""
+    step = plain_step(setup)
     state, key = jax.jit(setup.init)(jax.random.key(0)), jax.random.key(1)
     t0 = time.perf_counter()
     state, key, loss = step(state, key)
@@ -175,35 +219,48 @@ def time_plain_loop(setup: Setup, updates: int) -> dict:
     return {"compile_s": round(compile_s, 2), "updates_per_s": round(updates / (time.perf_counter() - t0), 1)}
 
 
-def time_scan(setup: Setup, num_seeds: int, chunk: int, chunks: int) -> dict:
+def time_scan(setup: Setup, num_seeds: int, chunk: int, chunks: int, hp=None, sweep: str = "") -> dict:
+    """`num_seeds` members (seeds, or a sweep's points x seeds with `hp` per member)."""
     train_chunk = setup.make_chunk(chunk)
     keys = jnp.stack([jax.random.key(s) for s in range(num_seeds)])
     states = init_seeds(setup.init, num_seeds)
+    hp = setup.hp if hp is None else hp
     t0 = time.perf_counter()
-    states, keys, metrics = train_chunk(states, keys, setup.data, setup.hp)
+    states, keys, metrics = train_chunk(states, keys, setup.data, hp)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0  # includes one chunk of updates
     t0 = time.perf_counter()
     for _ in range(chunks):
-        states, keys, metrics = train_chunk(states, keys, setup.data, setup.hp)
+        states, keys, metrics = train_chunk(states, keys, setup.data, hp)
         jax.device_get(metrics)  # what train() does after every chunk
     per_seed = chunks * chunk / (time.perf_counter() - t0)
     return {
         "num_seeds": num_seeds,
+        **({"sweep": sweep} if sweep else {}),
         "first_chunk_s": round(compile_s, 2),
         "updates_per_s_per_seed": round(per_seed, 2),
         "throughput": round(per_seed * num_seeds, 2),
     }
 
 
-def benchmark(algo: str, seeds: list[int], updates: int, chunk: int, batch_size: int) -> dict:
-    setup = SETUPS[algo](load_algorithm(algo), batch_size)
+def benchmark(algo: str, seeds: list[int], updates: int, chunk: int, batch_size: int, sweep_seeds: int) -> dict:
+    module = load_algorithm(algo)
+    setup = SETUPS[algo](module, batch_size)
+    peak = matmul_peak()
+    flops = flops_per_update(setup)
+    print(f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s; one update {flops / 1e9:.3f} GFLOP", flush=True)
     plain = time_plain_loop(setup, updates)
+    plain["fraction_of_peak"] = round(plain["updates_per_s"] * flops / peak, 3)
     print(f"plain jitted single-seed loop: {plain}", flush=True)
     scans = []
-    for n in seeds:
-        res = time_scan(setup, n, chunk, max(1, updates // chunk))
-        print(f"lax.scan x vmap, {n} seeds: {res}", flush=True)
+    runs = [(n, None, "") for n in seeds]
+    if sweep_seeds and hasattr(module, "SWEEPABLE"):
+        hp, name = sweep_hyper(setup.hp, module.SWEEPABLE, sweep_seeds)
+        runs.append((9 * sweep_seeds, hp, name))
+    for n, hp, name in runs:
+        res = time_scan(setup, n, chunk, max(1, updates // chunk), hp, name)
+        res["fraction_of_peak"] = round(res["throughput"] * flops / peak, 3)
+        print(f"lax.scan x vmap, {n} members{' (sweep ' + name + ')' if name else ''}: {res}", flush=True)
         scans.append(res)
     return {
         "algorithm": algo,
@@ -214,6 +271,8 @@ def benchmark(algo: str, seeds: list[int], updates: int, chunk: int, batch_size:
         "command": ["results/benchmark.py", *sys.argv[1:]],
         "network": setup.network,
         "batch_size": batch_size,
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "gflop_per_update": round(flops / 1e9, 4),
         "plain_loop": plain,
         "scan_vmap": scans,
     }
@@ -231,17 +290,23 @@ def table() -> str:
         "the throughput of one seed (IQL 1.1x, CQL, Cal-QL and DT 0.8-0.9x): on a CPU, seeds cost wall time "
         "linearly. The seed axis is there for accelerators; no GPU measurement yet.",
         "",
-        "| algorithm | network | batch | device | plain loop (updates/s) | seeds | updates/s per seed | throughput "
-        "| first chunk (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Members: seeds, or a --sweep's grid points x seeds (the sweep column names the grid). GFLOP/update: "
+        "XLA's cost analysis of one single-seed update; % of peak: throughput x GFLOP/update over the measured "
+        "float32 matmul peak of the same run (files made before these columns leave them empty).",
+        "",
+        "| algorithm | network | batch | device | plain loop (updates/s) | members | sweep | updates/s per member "
+        "| throughput | first chunk (s) | GFLOP/update | matmul peak (GFLOP/s) | % of peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(OUT.glob("*.json")):
         r = json.loads(path.read_text())
         for s in r["scan_vmap"]:
+            share = f"{100 * s['fraction_of_peak']:.0f}" if "fraction_of_peak" in s else ""
             rows.append(
                 f"| {r['algorithm']} | {r['network']} | {r['batch_size']} | {r['device']} ({r['cpu_count']} cores) | "
-                f"{r['plain_loop']['updates_per_s']} | "
-                f"{s['num_seeds']} | {s['updates_per_s_per_seed']} | {s['throughput']} | {s['first_chunk_s']} |"
+                f"{r['plain_loop']['updates_per_s']} | {s['num_seeds']} | {s.get('sweep', '')} | "
+                f"{s['updates_per_s_per_seed']} | {s['throughput']} | {s['first_chunk_s']} | "
+                f"{r.get('gflop_per_update', '')} | {r.get('matmul_peak_gflops', '')} | {share} |"
             )
     return "\n".join(rows) + "\n"
 
@@ -249,7 +314,8 @@ def table() -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algo", default="iql", choices=sorted(SETUPS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--sweep-seeds", type=int, default=3, help="seeds of the 3 x 3 sweep (0: no sweep)")
     p.add_argument("--updates", type=int, default=2000, help="timed updates per configuration")
     p.add_argument("--chunk", type=int, default=500, help="updates per lax.scan call")
     p.add_argument("--batch-size", type=int, default=None, help="default: the file's (256; DT 64)")
@@ -258,7 +324,7 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     if not a.table:
         batch_size = a.batch_size or DEFAULT_BATCH[a.algo]
-        result = benchmark(a.algo, a.seeds, a.updates, a.chunk, batch_size)
+        result = benchmark(a.algo, a.seeds, a.updates, a.chunk, batch_size, a.sweep_seeds)
         name = result["device"].replace(" ", "-").replace("/", "-")
         atomic_write(OUT / f"{a.algo}__{name}.json", json.dumps(result, indent=1) + "\n")
     atomic_write(OUT / "README.md", table())

@@ -194,3 +194,18 @@ def test_resume_alone_continues_from_its_config_like_an_uninterrupted_run(short_
 def test_policy_reloads_from_the_run_directory(short_run):
     """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
     assert_policy_reloads(short_run[1])
+
+
+def test_a_sweep_point_equals_the_plain_run_with_its_lr(pendulum_dataset, tmp_path):
+    """--sweep lr=3e-4,1e-3 with 2 seeds: members 2-3 (point 1) end exactly where a plain run at lr 1e-3 ends."""
+    flags = dict(num_seeds=2, total_steps=100, eval_every=100)
+    record = bc.train(tiny_args(pendulum_dataset, tmp_path / "sweep", sweep=("lr=3e-4,1e-3",), **flags))
+    bc.train(tiny_args(pendulum_dataset, tmp_path / "plain", lr=1e-3, **flags))
+    swept = checkpoint(run_dir_of(tmp_path / "sweep"))["state"]
+    alone = checkpoint(run_dir_of(tmp_path / "plain"))["state"]
+    for a, b in zip(jax.tree_util.tree_leaves(swept), jax.tree_util.tree_leaves(alone), strict=True):
+        assert np.shape(a)[0] == 4  # members: 2 points x 2 seeds
+        np.testing.assert_allclose(np.asarray(a)[2:4], np.asarray(b), atol=2e-4, rtol=2e-3)
+    assert [p["point"] for p in record["final_per_point"]] == [{"lr": 3e-4}, {"lr": 1e-3}]
+    assert record["sweep"]["points"] == [{"lr": 3e-4}, {"lr": 1e-3}]
+    assert_policy_reloads(run_dir_of(tmp_path / "sweep"))  # --eval-only: the checkpoint fits the tiled states

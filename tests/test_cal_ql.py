@@ -1,6 +1,7 @@
 """Cal-QL: Monte-Carlo returns (dataset and online rows) and the calibrated bound against
 hand-computed values, the mixed online batch, the presets, the file as cql.py plus the bound,
-offline-to-online learning, the command line, --resume and a kill -9 in the online phase."""
+offline-to-online learning, the command line, --resume, a kill -9 in the online phase and a --sweep
+grid point through both phases."""
 
 import dataclasses
 import inspect
@@ -19,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_policy_reloads, snapshot  # noqa: E402
+from flax import serialization
+from helpers import assert_policy_reloads, only_run_dir, snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -402,3 +404,33 @@ def test_finished_run_resumed_without_a_larger_budget_changes_nothing(cli_run, t
 def test_policy_reloads_from_the_run_directory(cli_run):
     """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
     assert_policy_reloads(cli_run[1])
+
+
+def checkpoint_of(out: Path) -> dict:
+    """The one run's checkpoint under `out`, as saved (state and online buffer: member axis first)."""
+    return serialization.msgpack_restore((only_run_dir(out, "cal_ql") / "checkpoint.msgpack").read_bytes())
+
+
+def test_sweep_grid_point_equals_the_plain_run_with_its_value_offline_and_online(pendulum_dataset, tmp_path):
+    """--sweep cql_alpha=1,5 (the member axis, common/members.py) with one seed, offline then online:
+    point 1's member (its environment, online rows and state) ends as seed 0 of the plain run with
+    cql_alpha 5 does, point 0's elsewhere. Both runs have o2o_run's shapes (two members, offline
+    chunks of OFFLINE_STEPS // 2, online rounds of the time limit): its compiled programs."""
+    flags = dict(dataset=pendulum_dataset, total_steps=OFFLINE_STEPS // 2, online_steps=100,
+                 eval_every=OFFLINE_STEPS // 2, **TINY)  # fmt: skip
+    record = cal_ql.train(cal_ql.Args(out_dir=str(tmp_path / "sweep"), num_seeds=1, sweep=("cql_alpha=1,5",), **flags))
+    cal_ql.train(cal_ql.Args(out_dir=str(tmp_path / "plain"), num_seeds=2, cql_alpha=5.0, **flags))
+    swept, alone = checkpoint_of(tmp_path / "sweep"), checkpoint_of(tmp_path / "plain")
+    assert swept["phase"] == alone["phase"] == "online"
+    n = int(alone["online"]["n_online"][0])
+    assert n > 0 and int(swept["online"]["n_online"][1]) == n  # the same environment, the same rows
+    for name, rows in alone["online"]["buffer"].items():
+        np.testing.assert_allclose(swept["online"]["buffer"][name][1, :n], rows[0, :n], atol=2e-4, rtol=2e-3)
+    leaves = jax.tree_util.tree_leaves(swept["state"])
+    for a, b in zip(leaves, jax.tree_util.tree_leaves(alone["state"])):
+        np.testing.assert_allclose(np.asarray(a)[1], np.asarray(b)[0], atol=2e-4, rtol=2e-3)
+    assert not all(np.allclose(a[0], a[1]) for a in leaves)  # point 0 trained with its own alpha
+    assert [p["point"] for p in record["final_per_point"]] == [{"cql_alpha": 1.0}, {"cql_alpha": 5.0}]
+    assert [(e["phase"], np.shape(e["normalized"])) for e in record["evaluations"]] == [
+        ("offline", (2, 5)), ("online", (2, 5))
+    ]  # fmt: skip

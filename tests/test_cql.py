@@ -1,5 +1,5 @@
 """CQL: the penalty against hand-computed values, its gradient, each loss, the Lagrange multiplier,
-the per-dataset presets, learning, the command line and --resume."""
+the per-dataset presets, learning, the command line, --resume and a --sweep grid point."""
 
 import dataclasses
 import json
@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_policy_reloads, run_algorithm, snapshot  # noqa: E402
+from flax import serialization
+from helpers import assert_policy_reloads, only_run_dir, run_algorithm, snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -375,3 +376,24 @@ def test_finished_run_resumed_without_a_larger_budget_changes_nothing(cli_run, t
 def test_policy_reloads_from_the_run_directory(cli_run):
     """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
     assert_policy_reloads(cli_run[1])
+
+
+def checkpoint_leaves(out: Path) -> list:
+    """The state leaves of the one run's checkpoint under `out`, as saved (member axis first)."""
+    raw = (only_run_dir(out, "cql") / "checkpoint.msgpack").read_bytes()
+    return jax.tree_util.tree_leaves(serialization.msgpack_restore(raw)["state"])
+
+
+def test_sweep_grid_point_equals_the_plain_run_with_its_value(pendulum_dataset, tmp_path):
+    """--sweep cql_alpha=1,5 (the member axis, common/members.py) with one seed: point 1's member ends
+    as seed 0 of the plain run with cql_alpha 5 does, point 0's elsewhere (its own traced alpha). Both
+    runs have the learning run's shapes (two members, chunks of SMOKE_STEPS): its compiled programs."""
+    flags = dict(dataset=pendulum_dataset, total_steps=SMOKE_STEPS, eval_every=SMOKE_STEPS, **TINY)
+    record = cql.train(cql.Args(out_dir=str(tmp_path / "sweep"), num_seeds=1, sweep=("cql_alpha=1,5",), **flags))
+    cql.train(cql.Args(out_dir=str(tmp_path / "plain"), num_seeds=2, cql_alpha=5.0, **flags))
+    swept, alone = checkpoint_leaves(tmp_path / "sweep"), checkpoint_leaves(tmp_path / "plain")
+    for a, b in zip(swept, alone):
+        np.testing.assert_allclose(np.asarray(a)[1], np.asarray(b)[0], atol=2e-4, rtol=2e-3)
+    assert not all(np.allclose(a[0], a[1]) for a in swept)  # point 0 trained with its own alpha
+    assert [p["point"] for p in record["final_per_point"]] == [{"cql_alpha": 1.0}, {"cql_alpha": 5.0}]
+    assert np.shape(record["evaluations"][-1]["normalized"]) == (2, 5)  # (members, episodes)

@@ -336,7 +336,7 @@ def test_command_line_run_writes_record_and_checkpoint(short_run):
     assert cfg["target_return"] == 100.0 and cfg["rtg_scale"] == 1000.0  # dataset max; locomotion scale
     assert cfg["eval_episodes"] == 5 and cfg["max_ep_len"] == 100  # config.json saves the resolved values
     config = json.loads((short_run.run_dir / "config.json").read_text())  # the record leaves out this machine's paths
-    assert {k: v for k, v in config.items() if k not in ("out_dir", "resume")} == cfg
+    assert {k: v for k, v in config.items() if k not in ("out_dir", "resume", "eval_only")} == cfg
     assert (short_run.run_dir / "checkpoint.msgpack").exists()
 
 
@@ -443,7 +443,7 @@ def test_resume_alone_continues_from_the_runs_config_as_if_uninterrupted(short_r
     for ours, theirs in zip(record["evaluations"], short_run.record["evaluations"], strict=True):
         assert (ours["returns"], ours["lengths"]) == (theirs["returns"], theirs["lengths"])
     config = json.loads((run_dir / "config.json").read_text())
-    assert config == {**short_run.record["config"], "out_dir": str(out), "resume": str(run_dir)}
+    assert config == {**short_run.record["config"], "out_dir": str(out), "resume": str(run_dir), "eval_only": None}
     restored = serialization.msgpack_restore((run_dir / "checkpoint.msgpack").read_bytes())
     uninterrupted = serialization.msgpack_restore((short_run.run_dir / "checkpoint.msgpack").read_bytes())
     assert int(restored["step"]) == 300
@@ -485,3 +485,26 @@ def test_bad_dt_flag_is_one_line_and_leaves_no_folder(tmp_path):
 def test_policy_reloads_from_the_run_directory(short_run):
     """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
     assert_policy_reloads(short_run.run_dir)
+
+
+def test_a_sweep_point_equals_the_plain_run_with_its_learning_rate(pendulum_dataset, tmp_path):
+    """--sweep learning-rate=3e-4,1e-3 with 2 seeds: members 2-3 (point 1, seeds 0-1) end exactly where
+    seeds 0-1 of a plain run at learning rate 1e-3 end (same init, keys and batches; only the traced
+    hyperparameter differs). The plain run has 4 seeds, so both runs have 4 members and compile once."""
+    # No dropout: a smaller program to compile (the keys still draw every member's segments).
+    tiny = dict(dataset=pendulum_dataset, context_len=K, embed_dim=32, num_layers=1, batch_size=32, dropout=0.0,
+                total_steps=50, eval_every=50, eval_episodes=2, warmup_steps=20, no_log=True)  # fmt: skip
+    sweep = ("learning_rate=3e-4,1e-3",)
+    record = dt.train(dt.Args(out_dir=str(tmp_path / "sweep"), num_seeds=2, sweep=sweep, **tiny))
+    dt.train(dt.Args(out_dir=str(tmp_path / "plain"), num_seeds=4, learning_rate=1e-3, **tiny))
+
+    (sweep_dir,), (plain_dir,) = (tmp_path / "sweep" / "dt").iterdir(), (tmp_path / "plain" / "dt").iterdir()
+    swept, alone = (serialization.msgpack_restore((d / "checkpoint.msgpack").read_bytes())["state"]
+                    for d in (sweep_dir, plain_dir))  # fmt: skip
+    for a, b in zip(jax.tree_util.tree_leaves(swept), jax.tree_util.tree_leaves(alone), strict=True):
+        assert np.shape(a)[0] == 4  # members: 2 points x 2 seeds
+        np.testing.assert_allclose(np.asarray(a)[2:4], np.asarray(b)[:2], atol=2e-4, rtol=2e-3)
+    points = [{"learning_rate": 3e-4}, {"learning_rate": 1e-3}]
+    assert [p["point"] for p in record["final_per_point"]] == points and record["sweep"]["points"] == points
+    assert np.shape(record["evaluations"][-1]["returns"]) == (4, 2)  # one context window per member's episode
+    assert_policy_reloads(sweep_dir)  # --eval-only: the checkpoint fits the tiled states, a window per member

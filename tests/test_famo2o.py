@@ -229,3 +229,19 @@ def test_nonfinite_loss_names_seed_and_step(pendulum_dataset, tmp_path):
 def test_policy_reloads_from_the_run_directory(o2o_run):
     """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
     assert_policy_reloads(o2o_run[1])
+
+
+def test_a_sweep_point_equals_the_plain_run_with_its_value(pendulum_dataset, tmp_path):
+    """--sweep (the member axis, see tests/test_members.py): point 1 of a 2-point sweep, offline and
+    online (one environment per member, reset as its seed's), ends where the plain run with its value does."""
+    from flax import serialization
+
+    flags = dict(total_steps=100, eval_every=100, online_steps=50, eval_episodes=2)
+    record = famo2o.train(tiny_args(pendulum_dataset, tmp_path / "sweep", sweep=("expectile=0.6,0.9",), **flags))
+    famo2o.train(tiny_args(pendulum_dataset, tmp_path / "plain", expectile=0.9, **flags))
+    swept, plain = [serialization.msgpack_restore((only_run_dir(tmp_path / d, "famo2o") / "checkpoint.msgpack")
+                                                  .read_bytes())["state"] for d in ("sweep", "plain")]  # fmt: skip
+    for a, b in zip(jax.tree_util.tree_leaves(swept), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(np.asarray(a)[1], np.asarray(b)[0], atol=2e-4, rtol=2e-3)
+    assert [p["point"] for p in record["final_per_point"]] == [{"expectile": 0.6}, {"expectile": 0.9}]
+    assert len(record["evaluations"][-1]["beta"]["mean"]) == 2  # the beta spread per member

@@ -1,7 +1,8 @@
 """MOREC: the filter's select and softmax choices, low-r_D transitions ending rollouts as terminals,
 MOPO's penalty over all members against hand-computed values, a learnt dynamics reward that ranks
 held-out real transitions above perturbed ones, and the command line: a run end to end, resume equal
-to an uninterrupted run on a reused model, and a bad --dynamics-path."""
+to an uninterrupted run on a reused model, a --sweep point equal to the plain run with its value (its
+penalty in its own rollouts), and a bad --dynamics-path."""
 
 import json
 import sys
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 from helpers import assert_policy_reloads, only_run_dir, run_algorithm
 
 from common.data import UserError, load_dataset
@@ -185,6 +187,24 @@ def test_resume_equals_uninterrupted_run_on_a_reused_model(pendulum_dataset, tmp
     with pytest.raises(UserError, match="does not fit this run"):
         morec.train(tiny_args(pendulum_dataset, tmp_path / "other", reward_hidden_dims=(16,), dynamics_path=str(model)))
     assert not (tmp_path / "other").exists()
+
+
+def test_a_sweep_point_equals_the_plain_run_with_its_value(pendulum_dataset, tmp_path):
+    """--sweep penalty_coef=0.1,2 with one seed: member 1 (penalty 2, in its own rollouts) ends where a
+    plain --penalty-coef 2 run on the same model and r_D (--dynamics-path) does, its model buffer too."""
+    flags = dict(total_steps=50, eval_every=50)
+    record = morec.train(tiny_args(pendulum_dataset, tmp_path / "sweep", sweep=("penalty_coef=0.1,2",), **flags))
+    run_dir = only_run_dir(tmp_path / "sweep", "morec")
+    morec.train(tiny_args(pendulum_dataset, tmp_path / "plain", penalty_coef=2.0, dynamics_path=str(run_dir), **flags))
+    swept, alone = (serialization.msgpack_restore((only_run_dir(tmp_path / d, "morec") / "checkpoint.msgpack")
+                                                  .read_bytes()) for d in ("sweep", "plain"))  # fmt: skip
+    for part in ("state", "online"):  # the agent, and the model buffer its rollouts filled
+        for a, b in zip(jax.tree_util.tree_leaves(swept[part]), jax.tree_util.tree_leaves(alone[part]), strict=True):
+            assert np.shape(a)[0] == 2 and np.shape(b)[0] == 1
+            np.testing.assert_allclose(np.asarray(a)[1:], np.asarray(b), atol=2e-4, rtol=2e-3)  # point 1, seed 0
+    assert [p["point"] for p in record["final_per_point"]] == [{"penalty_coef": 0.1}, {"penalty_coef": 2.0}]
+    rewards = record["evaluations"][-1]["model_buffer"]["reward_mean"]
+    assert rewards[1] < rewards[0]  # the larger penalty in member 1's rollouts
 
 
 def test_cli_end_to_end(pendulum_dataset, tmp_path):

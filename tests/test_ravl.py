@@ -1,8 +1,8 @@
 """RAVL: the dynamics ensemble fits a known linear system, EDAC's diversity term against hand-computed
 values, the termination rules against Gymnasium's, rollouts that add nothing after a terminal step,
 the FIFO model buffer and the dataset/model mix of a batch, the simulator stepped from observations,
-and the command line: a run end to end, resume equal to an uninterrupted run on a reused model, and
-a bad --dynamics-path."""
+and the command line: a run end to end, resume equal to an uninterrupted run on a reused model, a
+--sweep point equal to the plain run with its value, and a bad --dynamics-path."""
 
 import json
 import sys
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 from helpers import assert_policy_reloads, only_run_dir, run_algorithm
 
 from common.data import UserError
@@ -290,6 +291,26 @@ def test_bad_dynamics_path_is_one_line_and_leaves_no_folder(pendulum_dataset, tm
     with pytest.raises(UserError, match="not a RAVL dynamics model"):
         ravl.train(tiny_args(pendulum_dataset, tmp_path / "runs", dynamics_path=str(garbage)))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_point_equals_the_plain_run_with_its_value(pendulum_dataset, tmp_path):
+    """--sweep tau=0.005,0.5 with one seed: member 1 (tau 0.5; the targets follow the critics, far from
+    point 0's) ends where a plain --tau 0.5 run on the sweep's model (--dynamics-path) does, its model
+    buffer too. Eta 0: with one action dimension grad_a Q / |grad_a Q| is a step, whose gradient spikes
+    where |grad_a Q| ~ 1e-10, so any rounding difference between programs of 2 members and of 1 can
+    send the critics apart (measured: 1e-2 after 50 updates, 2 devices against 1)."""
+    flags = dict(total_steps=50, eval_every=50, eta=0.0)
+    record = ravl.train(tiny_args(pendulum_dataset, tmp_path / "sweep", sweep=("tau=0.005,0.5",), **flags))
+    run_dir = only_run_dir(tmp_path / "sweep", "ravl")
+    ravl.train(tiny_args(pendulum_dataset, tmp_path / "plain", tau=0.5, dynamics_path=str(run_dir), **flags))
+    swept, alone = (serialization.msgpack_restore((only_run_dir(tmp_path / d, "ravl") / "checkpoint.msgpack")
+                                                  .read_bytes()) for d in ("sweep", "plain"))  # fmt: skip
+    for part in ("state", "online"):  # the agent, and the model buffer its rollouts filled
+        for a, b in zip(jax.tree_util.tree_leaves(swept[part]), jax.tree_util.tree_leaves(alone[part]), strict=True):
+            assert np.shape(a)[0] == 2 and np.shape(b)[0] == 1
+            np.testing.assert_allclose(np.asarray(a)[1:], np.asarray(b), atol=2e-4, rtol=2e-3)  # point 1, seed 0
+    assert [p["point"] for p in record["final_per_point"]] == [{"tau": 0.005}, {"tau": 0.5}]
+    assert record["evaluations"][-1]["model_buffer"]["size"][0] > 0
 
 
 def test_true_dynamics_rollouts_fill_the_buffer(pendulum_dataset, tmp_path):

@@ -309,3 +309,22 @@ def test_cli_bad_sigma_range_is_one_line(tmp_path, monkeypatch, capsys):
 def test_policy_reloads_from_the_run_directory(cli_run):
     """`load_policy` (what --eval-only uses) rebuilds the policy and reproduces the last evaluation."""
     assert_policy_reloads(cli_run[2])
+
+
+def test_a_sweep_point_equals_the_plain_run_with_its_value(pendulum_dataset, tmp_path):
+    """--sweep (the member axis, see tests/test_members.py): point 1 of a 2-point sweep, pre-trained and
+    fine-tuned (--num-envs environments per member, reset as its seed's), ends where the plain run with
+    its value does (the discount reaches the state through the reward scaler's running return)."""
+    flags = ["--total-steps", "100", "--eval-every", "100", "--online-steps", "80", "--hidden-dims", "32", "32", "32",
+             "--critic-hidden-dims", "16", "16", "16", "--noise-hidden-dims", "16", "--batch-size", "32",
+             "--eval-episodes", "2", "--num-envs", "2", "--rollout-chunks", "10", "--update-epochs", "1",
+             "--num-minibatches", "2", "--repeat-samples", "1", "--no-log"]  # fmt: skip
+    args = tyro.cli(reinflow.Args, args=["--dataset", pendulum_dataset, *flags])
+    record = reinflow.train(dataclasses.replace(args, out_dir=str(tmp_path / "sweep"), sweep=("discount=0.9,0.99",)))
+    reinflow.train(dataclasses.replace(args, out_dir=str(tmp_path / "plain"), discount=0.99))
+    swept, plain = [serialization.msgpack_restore((only_run_dir(tmp_path / d, "reinflow") / "checkpoint.msgpack")
+                                                  .read_bytes())["state"] for d in ("sweep", "plain")]  # fmt: skip
+    for a, b in zip(jax.tree_util.tree_leaves(swept), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(np.asarray(a)[1], np.asarray(b)[0], atol=2e-4, rtol=2e-3)
+    assert [p["point"] for p in record["final_per_point"]] == [{"discount": 0.9}, {"discount": 0.99}]
+    assert [(e["phase"], e["step"]) for e in record["evaluations"]] == [("offline", 100), ("online", 80)]
