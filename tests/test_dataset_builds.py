@@ -134,7 +134,7 @@ def test_actions_are_the_same_bits_under_every_forced_dispatch(tmp_path):
         assert len({old for _, old in results.values()}) > 1, results
 
 
-def test_fixed_math_agrees_with_numpy():
+def test_fixed_math_agrees_with_numpy(make_module):  # loading datasets/make.py puts datasets/ on the path
     import policy
 
     rng = np.random.default_rng(1)
@@ -149,7 +149,7 @@ def test_fixed_math_agrees_with_numpy():
         np.testing.assert_allclose(policy.fixed_matmul(a, w), a @ w, rtol=1e-12, atol=1e-12)
 
 
-def test_maze_goal_distance_and_reward_match_the_env_formula():
+def test_maze_goal_distance_and_reward_match_the_env_formula(make_module):
     import maze
 
     rng = np.random.default_rng(2)
