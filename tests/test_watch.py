@@ -58,14 +58,14 @@ def tensorboard_scalars(run_dir: Path) -> dict:
     return out
 
 
-def wandb_history(run_dir: Path) -> list[dict]:
-    """The history rows of an offline wandb run, read from its .wandb file (LevelDB-style log:
+def wandb_records(run_dir: Path) -> tuple[list[dict], dict]:
+    """The history rows and the config of an offline wandb run, read from its .wandb file (LevelDB-style log:
     a 7-byte header, 32 KiB blocks of records with a 7-byte header each; protobuf Records). Media
     (the videos) come as nested keys and are left out."""
     from wandb.proto import wandb_internal_pb2
 
     (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb"))
-    raw, pos, part, rows = Path(path).read_bytes(), 7, b"", []
+    raw, pos, part, rows, config = Path(path).read_bytes(), 7, b"", [], {}
     assert raw[:4] == b":W&B"
     while pos + 7 <= len(raw):
         left = 32768 - pos % 32768
@@ -81,7 +81,10 @@ def wandb_history(run_dir: Path) -> list[dict]:
             if record.WhichOneof("record_type") == "history":
                 items = [(item.key or "/".join(item.nested_key), item) for item in record.history.item]
                 rows.append({key: json.loads(item.value_json) for key, item in items if len(item.nested_key) < 2})
-    return rows
+            elif record.WhichOneof("record_type") in ("run", "config"):  # the config starts with the run
+                updates = record.run.config.update if record.HasField("run") else record.config.update
+                config.update({item.key: json.loads(item.value_json) for item in updates})
+    return rows, config
 
 
 @pytest.mark.skipif(not RENDERER, reason=NO_RENDERER)
@@ -105,7 +108,10 @@ def test_each_evaluation_writes_a_video_of_the_first_episode(watched_run):
 def test_offline_wandb_run_holds_the_tensorboard_scalars_and_videos(watched_run):
     _, run_dir, record = watched_run
     tb = tensorboard_scalars(run_dir)
-    rows = wandb_history(run_dir)
+    rows, config = wandb_records(run_dir)
+    run_config = json.loads((run_dir / "config.json").read_text())
+    assert config["expectile"] == run_config["expectile"] == 0.7 and config["num_seeds"] == 2
+    assert "out_dir" not in config  # no path of this machine
     logged = {(k, row["global_step"]): v for row in rows if "global_step" in row for k, v in row.items()
               if not k.startswith(("_", "global"))}  # fmt: skip
     scalars = {k: v for k, v in logged.items() if isinstance(v, float | int)}
