@@ -206,10 +206,14 @@ class VideoRecorder:
     def finish(self) -> str | None:
         if self.container is None or self.tmp is None:
             return None
-        self.container.mux(self.stream.encode())  # flush the encoder
-        self.container.close()
-        self.container = None
-        os.replace(self.tmp, self.path)
+        try:
+            self.container.mux(self.stream.encode())  # flush the encoder
+            self.container.close()
+            self.container = None
+            os.replace(self.tmp, self.path)
+        except Exception as e:  # an encoder or disk error costs the video, not the evaluation
+            self.failed(e)
+            return None
         self.tmp = None
         return str(self.path)
 
