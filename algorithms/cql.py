@@ -42,7 +42,7 @@ import optax
 from common.data import UserError, load_dataset
 from common.evaluation import default_eval_episodes, evaluate
 from common.logging import RunLogger, cli, first_nonfinite
-from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile, vmap_members
 
 
 @dataclass(frozen=True)
@@ -479,7 +479,7 @@ def make_train_chunk(update, sampler, num_updates: int, data_axes=None):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, data_axes, 0)), donate_argnums=(0,))
+    return jax.jit(vmap_members(one_seed, in_axes=(0, 0, data_axes, 0)), donate_argnums=(0,))
 
 
 def hyper_values(args: Args, action_dim: int) -> dict:

@@ -43,7 +43,7 @@ import optax
 from common.data import Meta, load_dataset
 from common.evaluation import OnlineEnvs, default_eval_episodes, evaluate
 from common.logging import RunLogger, UserError, cli, first_nonfinite
-from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile, vmap_members
 
 
 @dataclass(frozen=True)
@@ -462,7 +462,7 @@ def make_train_chunk(update, batch_size: int, num_updates: int):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, None, 0))  # hp per member: the sweep's values are traced
+    vmapped = vmap_members(one_seed, in_axes=(0, 0, None, 0))  # hp per member: the sweep's values are traced
     return jax.jit(vmapped, donate_argnums=(0,))
 
 
@@ -501,7 +501,7 @@ def make_online_step(update, act, batch_size: int, temperature: float):
         action = act((state.actor, state.balance), next_obs, k_act, False, hp, temperature)
         return state, key, buf, action, metrics
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0, None, 0, 0, None, 0))
+    vmapped = vmap_members(one_seed, in_axes=(0, 0, 0, None, 0, 0, None, 0))
     return jax.jit(vmapped, donate_argnums=(0, 2))
 
 

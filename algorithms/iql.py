@@ -33,7 +33,7 @@ import optax
 from common.data import Meta, load_dataset
 from common.evaluation import OnlineEnvs, default_eval_episodes, evaluate
 from common.logging import RunLogger, cli, first_nonfinite
-from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile, vmap_members
 
 
 @dataclass(frozen=True)
@@ -145,15 +145,14 @@ class MLP(nn.Module):
         return x
 
 
-class DoubleCritic(nn.Module):
+class Critic(nn.Module):
+    """One Q network; the twin critics are two of these, applied as one vmapped call (see make_agent)."""
+
     hidden_dims: tuple[int, ...]
 
     @nn.compact
     def __call__(self, obs, action):
-        x = jnp.concatenate([obs, action], -1)
-        q1 = MLP((*self.hidden_dims, 1))(x)[..., 0]
-        q2 = MLP((*self.hidden_dims, 1))(x)[..., 0]
-        return q1, q2
+        return MLP((*self.hidden_dims, 1))(jnp.concatenate([obs, action], -1))[..., 0]
 
 
 class ValueNet(nn.Module):
@@ -227,7 +226,12 @@ def gaussian_log_prob(mean, log_std, action):
 def make_agent(args: Args, obs_dim: int, action_dim: int):
     """init, update and act for one seed, closed over the (static) architecture and optimizers."""
     actor = Actor(args.hidden_dims, action_dim, args.dropout)
-    critic, value = DoubleCritic(args.hidden_dims), ValueNet(args.hidden_dims)
+    critic, value = Critic(args.hidden_dims), ValueNet(args.hidden_dims)
+
+    def twin_q(params, obs, action):
+        """Both critics in one call: their parameters are stacked on a leading axis of 2."""
+        return jax.vmap(critic.apply, in_axes=(0, None, None))(params, obs, action)  # (2, batch)
+
     # Always a schedule (constant when an online phase follows), so the optimizer state has one
     # structure whatever the budget: a resumed run may extend --online-steps.
     actor_lr = (
@@ -238,10 +242,14 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
     actor_tx, critic_tx, value_tx = optax.adam(actor_lr), optax.adam(args.critic_lr), optax.adam(args.value_lr)
 
     def init(key) -> TrainState:
-        k_actor, k_critic, k_value = jax.random.split(key, 3)
+        k_actor, k_q1, k_q2, k_value = jax.random.split(key, 4)
         obs, act = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
         actor_params = actor.init(k_actor, obs)
-        critic_params = critic.init(k_critic, obs, act)
+        # Two inits, then stacked: an init vmapped over the critics would batch the orthogonal
+        # initializer's QR, which can deadlock jaxlib's LAPACK on CPU (see train()).
+        critic_params = jax.tree_util.tree_map(
+            lambda a, b: jnp.stack([a, b]), critic.init(k_q1, obs, act), critic.init(k_q2, obs, act)
+        )
         value_params = value.init(k_value, obs)
         return TrainState(
             actor_params,
@@ -255,7 +263,7 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
 
     def update(s: TrainState, batch: Batch, key, hp: Hyper):
         # 1. V by expectile regression on the target critic's Q of dataset actions.
-        q1_t, q2_t = critic.apply(s.target_critic, batch.observations, batch.actions)
+        q1_t, q2_t = twin_q(s.target_critic, batch.observations, batch.actions)
         q_t = jnp.minimum(q1_t, q2_t)
 
         def value_loss(p):
@@ -282,7 +290,7 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
         target = batch.rewards + hp.discount * batch.masks * value.apply(value_params, batch.next_observations)
 
         def critic_loss(p):
-            q1, q2 = critic.apply(p, batch.observations, batch.actions)
+            q1, q2 = twin_q(p, batch.observations, batch.actions)
             return ((q1 - target) ** 2 + (q2 - target) ** 2).mean(), q1.mean()
 
         (c_loss, q_mean), grads = jax.value_and_grad(critic_loss, has_aux=True)(s.critic)
@@ -342,7 +350,7 @@ def make_train_chunk(update, batch_size: int, num_updates: int):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, None, 0))  # hp per member: the sweep's values are traced
+    vmapped = vmap_members(one_seed, in_axes=(0, 0, None, 0))  # hp per member: the sweep's values are traced
     return jax.jit(vmapped, donate_argnums=(0,))
 
 
@@ -370,7 +378,7 @@ def make_online_step(update, act, batch_size: int, temperature: float):
         action = act(state.actor, next_obs, k_act, False, temperature)
         return state, key, buf, action, metrics
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0, None, 0, 0, None, 0))
+    vmapped = vmap_members(one_seed, in_axes=(0, 0, 0, None, 0, 0, None, 0))
     return jax.jit(vmapped, donate_argnums=(0, 2))
 
 

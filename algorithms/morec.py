@@ -76,7 +76,7 @@ from flax import serialization
 from common.data import Meta, UserError, load_dataset
 from common.evaluation import default_eval_episodes, evaluate
 from common.logging import RunLogger, atomic_write, cli, first_nonfinite
-from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile, vmap_members
 
 
 @dataclass(frozen=True)
@@ -850,7 +850,7 @@ def make_train_chunk(update, n_real: int, n_model: int, num_updates: int):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0, None, 0))  # hp per member: the sweep's values are traced
+    vmapped = vmap_members(one_seed, in_axes=(0, 0, 0, None, 0))  # hp per member: the sweep's values are traced
     return jax.jit(vmapped, donate_argnums=(0,))
 
 
@@ -869,7 +869,7 @@ def make_rollouts(args: Args, sample_action, member, disc, done_fn, mode: str):
         transitions, valid, info = generate_rollouts(policy, step, start, k_roll, args.rollout_length)
         return buffer_add(buffer, transitions, valid), key, rollout_stats(transitions, valid, info)
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None, None, 0)), donate_argnums=(1,))
+    return jax.jit(vmap_members(one_seed, in_axes=(0, 0, 0, None, None, None, 0)), donate_argnums=(1,))
 
 
 def buffer_summary(buffers: ModelBuffer) -> dict:

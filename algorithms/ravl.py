@@ -70,7 +70,7 @@ from flax import serialization
 from common.data import Meta, UserError, load_dataset
 from common.evaluation import default_eval_episodes, evaluate
 from common.logging import RunLogger, atomic_write, cli, first_nonfinite
-from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile, vmap_members
 
 
 @dataclass(frozen=True)
@@ -753,7 +753,7 @@ def make_train_chunk(update, n_real: int, n_model: int, num_updates: int):
         (state, key), metrics = jax.lax.scan(body, (state, key), None, length=num_updates)
         return state, key, metrics  # metrics: (num_updates,) each
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0, None, 0))  # hp per member: the sweep's values are traced
+    vmapped = vmap_members(one_seed, in_axes=(0, 0, 0, None, 0))  # hp per member: the sweep's values are traced
     return jax.jit(vmapped, donate_argnums=(0,))
 
 
@@ -769,7 +769,7 @@ def make_model_rollouts(sample_action, member, done_fn, num: int, k: int):
         buffer, stats = add_rollouts(buffer, *generate_rollouts(policy, step, start, k_roll, k))
         return buffer, key, stats
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None)), donate_argnums=(1,))
+    return jax.jit(vmap_members(one_seed, in_axes=(0, 0, 0, None, None)), donate_argnums=(1,))
 
 
 def make_simulator_rollouts(sample_action, sim: Simulator, num: int, k: int):

@@ -69,7 +69,7 @@ import optax
 from common.data import Meta, UserError, load_dataset
 from common.evaluation import default_eval_episodes, evaluate
 from common.logging import RunLogger, cli, first_nonfinite
-from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile
+from common.members import member_hyper, member_labels, replicate, shard, sweep_points, tile, vmap_members
 
 
 @dataclass(frozen=True)
@@ -659,7 +659,7 @@ def make_pretrain_chunk(update, batch_size: int, chunk_len: int, num_updates: in
         return state, key, metrics
 
     # hp per member: the sweep's values are traced
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, 0)), donate_argnums=(0,))
+    return jax.jit(vmap_members(one_seed, in_axes=(0, 0, None, 0)), donate_argnums=(0,))
 
 
 # --- Environments -----------------------------------------------------------------------------
@@ -727,14 +727,14 @@ def online_phase(args, meta, states, keys, agent, hp, normalize, logger, evaluat
         chain, log_prob = parts["sample_chain"]((velocity, noise), normalize(obs), k, sigma_max, hp, time_grid(K))
         return chain, log_prob, key
 
-    explore_all = jax.jit(jax.vmap(explore, in_axes=(0, 0, 0, 0, None, 0)))
+    explore_all = jax.jit(vmap_members(explore, in_axes=(0, 0, 0, 0, None, 0)))
 
     def update(state, rollout, key, sched, hp):
         key, k = jax.random.split(key)
         state, metrics = ppo_update(state, rollout, k, hp, sched, normalize)
         return state, key, metrics
 
-    update_all = jax.jit(jax.vmap(update, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0,))
+    update_all = jax.jit(vmap_members(update, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0,))
     if ck is None:
         it, obs = 0, envs.reset()
     else:  # the environments replayed to the checkpoint's iteration

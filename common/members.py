@@ -10,6 +10,10 @@ the plain run with those values. `--sweep NAME=V1,V2 [NAME=...]` takes the produ
 first name slowest. The hyperparameters are traced (vmapped with the states), so the whole grid
 compiles once.
 
+`vmap_members` is `jax.vmap` over the member axis, except that a single member runs unbatched:
+XLA's CPU matmuls with a batch dimension of 1 are ~10% slower than plain ones (IQL's update, 2
+cores), and one seed is the common case.
+
 `shard` places the member axis on a 1-D mesh over every visible device (XLA's SPMD partitioner then
 runs each device's members; with one device it changes nothing), and `replicate` puts shared data
 on all of them. Results equal the unsharded program's.
@@ -17,6 +21,7 @@ on all of them. Results equal the unsharded program's.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -70,6 +75,24 @@ def member_hyper(hyper_type: type, args: Any, points: list[dict], num_seeds: int
         return jnp.asarray([p.get(name, default) for p in points for _ in range(num_seeds)], jnp.float32)
 
     return hyper_type(*(column(name) for name in hyper_type._fields))
+
+
+def vmap_members(fn, in_axes: tuple):
+    """`jax.vmap(fn, in_axes)` over the leading member axis; with one member, `fn` on the squeezed
+    arguments and the outputs given back their axis of 1 (same values, unbatched kernels)."""
+    batched = jax.vmap(fn, in_axes=in_axes)
+
+    @functools.wraps(fn)  # jit's name for it stays fn's (compile logs)
+    def call(*args):
+        mapped = [a for a, axis in zip(args, in_axes, strict=True) if axis is not None]
+        sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(mapped)}
+        if sizes != {1}:
+            return batched(*args)
+        squeeze = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)  # noqa: E731
+        out = fn(*(a if axis is None else squeeze(a) for a, axis in zip(args, in_axes, strict=True)))
+        return jax.tree_util.tree_map(lambda x: x[None], out)
+
+    return call
 
 
 def tile(tree: Any, num_points: int) -> Any:

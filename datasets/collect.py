@@ -8,7 +8,10 @@ policy call is `policy.act`, whose fixed-order arithmetic gives the same actions
 
 Workers are started by `make.py` with `worker_init`, which makes a worker exit on its own once the
 process that started it is gone (killed with SIGKILL, say), so no collection keeps running for a
-build that no longer exists.
+build that no longer exists, and which gives it the build's `stop` event: once it is set, chunks
+still queued return at once, so a finished build closes its pool gracefully instead of terminating
+workers that may be writing a result (a SIGTERM then can leave the result pipe's lock held and hang
+the pool's shutdown).
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ ORPHAN_POLL_S = 0.5
 
 
 POLICIES: dict[str, dict] = {}  # name -> prepared actor parameters, set by worker_init
+STOP = None  # the build's multiprocessing Event, set by worker_init
 
 
-def worker_init(parent_pid: int, policies: dict[str, dict] | None = None) -> None:
+def worker_init(parent_pid: int, policies: dict[str, dict] | None = None, stop=None) -> None:
     """Pool initializer: keep the level's policies (tasks name them), ignore SIGINT (a Ctrl-C
     reaches the whole process group; the build process handles it and terminates its workers) and
     exit as soon as `parent_pid` is no longer this worker's parent."""
+    global STOP
     POLICIES.update({name: prepare(params) for name, params in (policies or {}).items()})
+    STOP = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
@@ -55,6 +61,8 @@ def run_chunk(task: tuple) -> list[dict]:
     """task = (env_id, policy, seed, stream, indices, stochastic) -> one dict per episode, in order.
     `policy` is the name of a policy given to `worker_init`, or the actor parameters themselves."""
     env_id, policy, seed, stream, indices, stochastic = task
+    if STOP is not None and STOP.is_set():
+        return []  # the build has what it needs: a chunk left in the queue is not run
     params = POLICIES[policy] if isinstance(policy, str) else prepare(policy)
     silence_mujoco()
     n = len(indices)

@@ -118,8 +118,7 @@ def code_version() -> str:
 def collect(pool, env_id: str, policy: str, num_steps: int, seed: int, stream: int, pbar=None) -> list[dict]:
     """Episodes of one policy, in index order, until they hold at least `num_steps` transitions.
     `policy` names one of the policies the pool's workers were given (see `level_policies`): a task
-    is a few hundred bytes, never the weights, so the pool's task pipe never fills and a terminate
-    cannot hang on it."""
+    is a few hundred bytes, never the weights, so the pool's task pipe never fills."""
     from collect import run_chunk
 
     episodes, total, next_chunk, pending = [], 0, 0, []
@@ -136,7 +135,7 @@ def collect(pool, env_id: str, policy: str, num_steps: int, seed: int, stream: i
             if pbar is not None:
                 pbar.update(len(ep["rewards"]))
     # Chunks still pending are not waited for: their episodes are not needed. The next policy's
-    # chunks queue behind them, and the pool is terminated when the last policy is done.
+    # chunks queue behind them; when the last policy is done, the build's stop event empties the queue.
     return episodes
 
 
@@ -184,11 +183,17 @@ def write_locomotion(dataset_id: str, robot: str, level: str, num_steps: int, se
     ctx = mp.get_context("spawn")  # never fork a process that may hold JAX's threads
     # Every policy of the level goes to each worker once, at its start (spawn's start-up pipe).
     policies = {name: load_params(path) for name, path in level_policies(robot, level).items()}
+    stop = ctx.Event()
     with (
-        ctx.Pool(NUM_WORKERS, initializer=worker_init, initargs=(os.getpid(), policies)) as pool,
+        ctx.Pool(NUM_WORKERS, initializer=worker_init, initargs=(os.getpid(), policies, stop)) as pool,
         tqdm(total=num_steps, desc=f"collecting {dataset_id}", unit="step", mininterval=2.0) as pbar,
     ):
         episodes = collect_level(pool, robot, level, num_steps, seed, pbar)
+        # Done: queued chunks return at once, running ones finish, and the workers exit on their
+        # own. Only an error or a signal leaves the pool to `with`'s terminate.
+        stop.set()
+        pool.close()
+        pool.join()
     buffers = [
         EpisodeBuffer(
             id=i,

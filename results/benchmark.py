@@ -81,16 +81,21 @@ def per_member(chunk: Callable) -> Callable:
 
 
 def sweep_hyper(hp, names: tuple[str, ...], num_seeds: int):
-    """A 3 x 3 grid over the first two sweepable hyperparameters (0.9x, 1x, 1.1x each), x seeds."""
-    a, b = names[:2]
-    points = [(x, y) for x in (0.9, 1.0, 1.1) for y in (0.9, 1.0, 1.1)]
+    """A 3 x 3 grid over the first two sweepable hyperparameters (0.9x, 1x, 1.1x each), x seeds; 9
+    values (0.8x to 1.2x) of the only one where a file has one."""
+    if len(names) == 1:
+        a, b = names[0], None
+        points = [(x, 1.0) for x in np.linspace(0.8, 1.2, 9)]
+    else:
+        a, b = names[:2]
+        points = [(x, y) for x in (0.9, 1.0, 1.1) for y in (0.9, 1.0, 1.1)]
 
     def column(name):
         value = getattr(hp, name)
         scale = [x if name == a else y if name == b else 1.0 for x, y in points for _ in range(num_seeds)]
         return jnp.asarray(scale, jnp.float32) * value
 
-    return type(hp)(*(column(name) for name in type(hp)._fields)), f"{a} x {b}, 3 x 3"
+    return type(hp)(*(column(name) for name in type(hp)._fields)), f"{a} x {b}, 3 x 3" if b else f"{a}, 9 values"
 
 
 def iql_setup(module, batch_size: int) -> Setup:
@@ -159,8 +164,87 @@ def dt_setup(module, batch_size: int) -> Setup:
     )  # fmt: skip
 
 
-SETUPS = {"iql": iql_setup, "cql": cql_setup, "cal_ql": cql_setup, "dt": dt_setup, "famo2o": famo2o_setup}
-DEFAULT_BATCH = {"iql": 256, "cql": 256, "cal_ql": 256, "dt": 64, "famo2o": 256}
+def bc_setup(module, batch_size: int) -> Setup:
+    args = module.Args(batch_size=batch_size)
+    init, update, _ = module.make_agent(args, OBS_DIM, ACTION_DIM)
+    full = random_transitions(lambda *fields: fields)
+    data = module.Batch(full[0], full[1])
+    hp = module.Hyper(jnp.float32(args.lr))
+
+    def sample(data, key):
+        idx = jax.random.randint(key, (batch_size,), 0, ROWS)
+        return jax.tree_util.tree_map(lambda x: x[idx], data)
+
+    return Setup(
+        lambda key: init(key, jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM)), lambda s, b, k, hp: update(s, b, hp), data,
+        hp, sample, lambda n: per_member(module.make_train_chunk(update, batch_size, n)),
+        f"actor {'-'.join(map(str, args.hidden_dims))} (CORL's size)",
+    )  # fmt: skip
+
+
+def model_based_setup(module, batch_size: int) -> Setup:
+    """RAVL and MOREC's agent update (SAC-N / SAC on a dataset-and-model batch), with the model buffer
+    full of random rows: the dynamics model and the rollouts are timed in results/throughput's
+    records, not here."""
+    args = module.resolve(module.Args(batch_size=batch_size), HOPPER_MEDIUM)
+    init, update, *_ = module.make_agent(args, OBS_DIM, ACTION_DIM)
+    data = random_transitions(module.Transitions)
+    buffer = module.ModelBuffer(data, jnp.int32(0), jnp.int32(ROWS))  # a full buffer
+    ratio = args.dataset_ratio if hasattr(args, "dataset_ratio") else args.real_ratio  # RAVL's name, MOREC's
+    n_real = int(ratio * batch_size)
+    values = {**vars(args), "target_entropy": -float(ACTION_DIM)}
+    hp = module.Hyper(*(jnp.float32(values[name]) for name in module.Hyper._fields))
+
+    def make_chunk(n):
+        chunk = module.make_train_chunk(update, n_real, batch_size - n_real, n)
+
+        def run(states, keys, data, hp):
+            buffers = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (keys.shape[0], *x.shape)), buffer)
+            return per_member(lambda s, k, d, h: chunk(s, buffers, k, d, h))(states, keys, data, hp)
+
+        return run
+
+    critics = getattr(args, "num_critics", 2)
+    return Setup(
+        init, update, data, hp,
+        lambda data, key: module.sample_mixed(data, buffer, key, n_real, batch_size - n_real), make_chunk,
+        f"actor and {critics} critics {'-'.join(map(str, args.hidden_dims))}, {n_real} of {batch_size} rows real "
+        "(hopper preset)",
+    )  # fmt: skip
+
+
+def reinflow_setup(module, batch_size: int) -> Setup:
+    """ReinFlow's pre-training (flow matching on action chunks); fine-tuning is environment-bound and
+    measured in environment steps/s by its records."""
+    args = module.resolve(module.Args(batch_size=batch_size), HOPPER_MEDIUM)
+    Ta = args.chunk_len
+    num_chunks = ROWS - Ta
+    init, update, _, _ = module.make_agent(args, OBS_DIM, ACTION_DIM, num_chunks=num_chunks)
+    rng = np.random.default_rng(0)
+    data = module.ChunkData(
+        jnp.asarray(rng.normal(size=(ROWS, OBS_DIM)), jnp.float32),
+        jnp.asarray(rng.uniform(-1, 1, (ROWS, ACTION_DIM)), jnp.float32),
+        jnp.arange(num_chunks, dtype=jnp.int32),
+    )
+    hp = module.Hyper(*(jnp.float32(getattr(args, name)) for name in module.Hyper._fields))
+
+    def sample(data, key):
+        i = data.starts[jax.random.randint(key, (batch_size,), 0, num_chunks)]
+        return data.observations[i], data.actions[i[:, None] + jnp.arange(Ta)].reshape(batch_size, -1)
+
+    return Setup(
+        init, lambda s, b, k, hp: update(s, b[0], b[1], k, hp), data, hp, sample,
+        lambda n: per_member(module.make_pretrain_chunk(update, batch_size, Ta, n)),
+        f"velocity net {'-'.join(map(str, args.hidden_dims))}, chunks of {Ta} actions (hopper preset)",
+    )  # fmt: skip
+
+
+SETUPS = {
+    "iql": iql_setup, "cql": cql_setup, "cal_ql": cql_setup, "dt": dt_setup, "famo2o": famo2o_setup, "bc": bc_setup,
+    "ravl": model_based_setup, "morec": model_based_setup, "reinflow": reinflow_setup,
+}  # fmt: skip
+DEFAULT_BATCH = {"iql": 256, "cql": 256, "cal_ql": 256, "dt": 64, "famo2o": 256, "bc": 256, "ravl": 256, "morec": 256,
+                 "reinflow": 128}  # fmt: skip
 
 
 def init_seeds(init, num_seeds: int):
@@ -286,9 +370,17 @@ def table() -> str:
         "`python results/benchmark.py --algo ALGO`. Throughput = seeds x updates/s per seed; the plain loop is "
         "one jitted call per update from Python, measured in the same run.",
         "",
-        "On 2 CPU cores one full-size update already keeps both cores busy, so 8 vmapped seeds give about "
-        "the throughput of one seed (IQL 1.1x, CQL, Cal-QL and DT 0.8-0.9x): on a CPU, seeds cost wall time "
-        "linearly. The seed axis is there for accelerators; no GPU measurement yet.",
+        "On 2 CPU cores one full-size update already keeps both cores busy, so 4 or 16 vmapped seeds give about "
+        "the throughput of one seed (0.8-1.1x): on a CPU, seeds cost wall time linearly. The seed axis is there "
+        "for accelerators; no GPU measurement yet. One member runs unbatched (`common.members.vmap_members`): "
+        "batched kernels with a batch of 1 cost IQL's update ~10%.",
+        "",
+        "The matmul peak is one 2048 x 2048 float32 matmul; the networks' matmuls are 256 wide (DT's 128), and "
+        "their elementwise work (activations, Adam, random bits) is not in the FLOP count, so no update reaches "
+        "the peak. DT is lowest: its dropout's random bits (threefry, on every activation of every layer) take "
+        "28% of its update on this machine (6.6 updates/s with dropout 0.1, 9.1 with 0), and even without them "
+        "its 128-wide matmuls reach 44%. Slow updates were timed over 100-200 updates (the `command` in each "
+        "JSON file), so their rows are noisier.",
         "",
         "Members: seeds, or a --sweep's grid points x seeds (the sweep column names the grid). GFLOP/update: "
         "XLA's cost analysis of one single-seed update; % of peak: throughput x GFLOP/update over the measured "
@@ -299,6 +391,8 @@ def table() -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(OUT.glob("*.json")):
+        if path.name.startswith("peer_"):
+            continue
         r = json.loads(path.read_text())
         for s in r["scan_vmap"]:
             share = f"{100 * s['fraction_of_peak']:.0f}" if "fraction_of_peak" in s else ""
@@ -308,7 +402,35 @@ def table() -> str:
                 f"{s['updates_per_s_per_seed']} | {s['throughput']} | {s['first_chunk_s']} | "
                 f"{r.get('gflop_per_update', '')} | {r.get('matmul_peak_gflops', '')} | {share} |"
             )
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows + peer_rows()) + "\n"
+
+
+def peer_rows() -> list[str]:
+    """The side-by-side runs of results/peer_benchmark.py (IQL against JAX-CORL's)."""
+    paths = sorted(OUT.glob("peer_*.json"))
+    if not paths:
+        return []
+    rows = [
+        "",
+        "## IQL against JAX-CORL's, side by side",
+        "",
+        "Generated from the files of `python results/peer_benchmark.py --jax-corl PATH` (its docstring says "
+        "how): one process, the same random HalfCheetah-shaped data, rounds alternating between the runners; "
+        "updates/s per round. Nothing of JAX-CORL is in this repository.",
+        "",
+        "| device | date | JAX-CORL commit | JAX-CORL (updates/s) | iql.py, lax.scan | iql.py, jitted call per update "
+        "| scan / JAX-CORL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        r = json.loads(path.read_text())
+        rate = lambda name, r=r: ", ".join(map(str, r["updates_per_s"][name]))  # noqa: E731
+        rows.append(
+            f"| {r['device']} ({r['cpu_count']} cores) | {r['date']} | {r['peer']['commit'][:7]} | {rate('jax_corl')} "
+            f"| {rate('jaxorl_scan')} | {rate('jaxorl_plain')} | "
+            f"{', '.join(f'{x:.2f}x' for x in r['ratio_scan_over_jax_corl'])} |"
+        )
+    return rows
 
 
 def main():

@@ -116,8 +116,12 @@ def test_seed_of_vmapped_run_matches_single_seed_run(three_seed_run, pendulum_da
     iql.train(tiny_args(pendulum_dataset, tmp_path, seed=2, num_seeds=1, total_steps=1500, eval_every=500))
     single = actor_params(run_dir_of(tmp_path))
     vmapped = actor_params(run_dir)
-    for a, b in zip(jax.tree_util.tree_leaves(vmapped), jax.tree_util.tree_leaves(single)):
-        np.testing.assert_allclose(np.asarray(a)[2], np.asarray(b)[0], atol=2e-4, rtol=2e-3)
+    leaves = list(zip(jax.tree_util.tree_leaves(vmapped), jax.tree_util.tree_leaves(single)))
+    assert max(np.abs(np.asarray(a)[1] - np.asarray(b)[0]).max() for a, b in leaves) > 0.05  # seed 1 is not seed 2
+    for a, b in leaves:
+        # Equal up to float32 rounding grown over 1,500 updates: one member runs unbatched kernels
+        # (common.members.vmap_members), three run batched ones.
+        np.testing.assert_allclose(np.asarray(a)[2], np.asarray(b)[0], atol=5e-3, rtol=2e-2)
 
 
 def test_record_and_config_files(three_seed_run):

@@ -136,7 +136,7 @@ def test_aggregate_needs_every_dataset_and_tables_regenerate_identically(tmp_pat
     assert tables.generate() == tables.generate()
 
 
-@pytest.mark.parametrize("algo", ["iql", "cql", "cal_ql", "dt", "famo2o"])
+@pytest.mark.parametrize("algo", ["iql", "cql", "cal_ql", "dt", "famo2o", "bc", "ravl", "morec", "reinflow"])
 def test_benchmark_adapters_follow_the_algorithm_files(algo):
     """results/benchmark.py reaches into each file's make_agent, resolve and chunks: a file that
     changes them must change the adapter too (a chunk of two updates, traced)."""
@@ -152,3 +152,24 @@ def test_benchmark_adapters_follow_the_algorithm_files(algo):
     state = jax.eval_shape(jax.vmap(setup.init), keys)  # traced, not compiled: the test stays cheap
     state, _, metrics = jax.eval_shape(setup.make_chunk(2), state, keys, setup.data, setup.hp)
     assert metrics and all(v.shape == (1, 2) for v in jax.tree_util.tree_leaves(metrics))
+
+
+def test_peer_comparison_keeps_no_machine_path_and_shows_in_the_table(tmp_path, monkeypatch):
+    import benchmark
+    import peer_benchmark
+
+    assert peer_benchmark.retyped(["--jax-corl", "/home/me/JAX-CORL", "--rounds", "2"]) == [
+        "--jax-corl", "JAX-CORL", "--rounds", "2"]  # fmt: skip
+    assert peer_benchmark.retyped(["--jax-corl=/x/y"]) == ["--jax-corl=JAX-CORL"]
+    record = {"device": "cpu", "cpu_count": 2, "date": "2026-12-02", "peer": {"commit": "d747dd8ad4fc"},
+              "updates_per_s": {"jax_corl": [250.0, 240.0], "jaxorl_scan": [300.0, 312.0],
+                                "jaxorl_plain": [280.0, 290.0]},
+              "ratio_scan_over_jax_corl": [1.2, 1.3]}  # fmt: skip
+    (tmp_path / "peer_iql__cpu.json").write_text(json.dumps(record))
+    monkeypatch.setattr(benchmark, "OUT", tmp_path)
+    rows = benchmark.peer_rows()
+    assert (
+        rows[-1]
+        == "| cpu (2 cores) | 2026-12-02 | d747dd8 | 250.0, 240.0 | 300.0, 312.0 | 280.0, 290.0 | 1.20x, 1.30x |"
+    )
+    assert "peer_iql" not in benchmark.table()  # the per-algorithm table skips the peer files
