@@ -179,15 +179,14 @@ class MLP(nn.Module):
         return x
 
 
-class DoubleCritic(nn.Module):
+class Critic(nn.Module):
+    """One Q network; the twin critics are two of these, applied as one vmapped call (see make_agent)."""
+
     hidden_dims: tuple[int, ...]
 
     @nn.compact
     def __call__(self, obs, action):
-        x = jnp.concatenate([obs, action], -1)
-        q1 = MLP((*self.hidden_dims, 1))(x)[..., 0]
-        q2 = MLP((*self.hidden_dims, 1))(x)[..., 0]
-        return q1, q2
+        return MLP((*self.hidden_dims, 1))(jnp.concatenate([obs, action], -1))[..., 0]
 
 
 class ValueNet(nn.Module):
@@ -293,7 +292,12 @@ def to_beta(x: jax.Array, hp: Hyper) -> jax.Array:
 def make_agent(args: Args, obs_dim: int, action_dim: int):
     """init, update, act and balance_beta for one seed, closed over the architecture and optimizers."""
     actor, balance = UniversalPolicy(args.hidden_dims, action_dim), BalanceModel(args.hidden_dims)
-    critic, value = DoubleCritic(args.hidden_dims), ValueNet(args.hidden_dims)
+    critic, value = Critic(args.hidden_dims), ValueNet(args.hidden_dims)
+
+    def twin_q(params, obs, action):
+        """Both critics in one call: their parameters are stacked on a leading axis of 2."""
+        return jax.vmap(critic.apply, in_axes=(0, None, None))(params, obs, action)  # (2, batch)
+
     # Always a schedule (constant when an online phase follows), so the optimizer state has one
     # structure whatever the budget: a resumed run may extend --online-steps.
     actor_lr = (
@@ -305,12 +309,16 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
     critic_tx, value_tx = optax.adam(args.critic_lr), optax.adam(args.value_lr)
 
     def init(key) -> TrainState:
-        k_actor, k_balance, k_critic, k_value = jax.random.split(key, 4)
+        k_actor, k_balance, k_q1, k_q2, k_value = jax.random.split(key, 5)
         obs, act = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
         actor_params = actor.init(k_actor, obs, jnp.zeros(1))
         balance_params = balance.init(k_balance, obs)
         log_temp = jnp.log(jnp.float32(args.init_temperature))
-        critic_params = critic.init(k_critic, obs, act)
+        # Two inits, then stacked: an init vmapped over the critics would batch the orthogonal
+        # initializer's QR, which can deadlock jaxlib's LAPACK on CPU (see iql.py's train()).
+        critic_params = jax.tree_util.tree_map(
+            lambda a, b: jnp.stack([a, b]), critic.init(k_q1, obs, act), critic.init(k_q2, obs, act)
+        )
         value_params = value.init(k_value, obs)
         return TrainState(
             actor_params,
@@ -328,7 +336,7 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
 
     # Each loss takes the parameters it trains first; everything else it reads is frozen.
     def value_loss(value_params, target_critic, batch: Batch, hp: Hyper):
-        q_t = jnp.minimum(*critic.apply(target_critic, batch.observations, batch.actions))
+        q_t = jnp.minimum(*twin_q(target_critic, batch.observations, batch.actions))
         v = value.apply(value_params, batch.observations)
         loss = expectile_loss(q_t - v, hp.expectile).mean()
         return loss, {"value_loss": loss, "v_mean": v.mean()}
@@ -345,7 +353,7 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
         beta = to_beta(jnp.tanh(u), hp)
         a_mean, a_log_std = actor.apply(actor_params, obs, beta)
         action = a_mean + jnp.exp(a_log_std) * jax.random.normal(k_action, a_mean.shape)
-        q = jnp.minimum(*critic.apply(target_critic, obs, action))
+        q = jnp.minimum(*twin_q(target_critic, obs, action))
         loss = (jnp.exp(log_temp) * log_prob - q).mean()
         entropy = -log_prob.mean()
         return loss, {"balance_loss": loss, "balance_entropy": entropy, "balance_beta_mean": beta.mean(),
@@ -367,7 +375,7 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
 
     def critic_loss(critic_params, value_params, batch: Batch, hp: Hyper):
         target = batch.rewards + hp.discount * batch.masks * value.apply(value_params, batch.next_observations)
-        q1, q2 = critic.apply(critic_params, batch.observations, batch.actions)
+        q1, q2 = twin_q(critic_params, batch.observations, batch.actions)
         loss = ((q1 - target) ** 2 + (q2 - target) ** 2).mean()
         return loss, {"critic_loss": loss, "q_mean": q1.mean()}
 
@@ -399,7 +407,7 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
         log_temp, temp_opt = apply_grads(temp_tx, s.log_temp, s.temp_opt, grads)
         # 4. The universal policy by AWR with the new V, beta uniform (offline) or from pi_b (online).
         beta = policy_betas(s.balance, obs, k_beta, hp, online)
-        q_t = jnp.minimum(*critic.apply(s.target_critic, obs, batch.actions))
+        q_t = jnp.minimum(*twin_q(s.target_critic, obs, batch.actions))
         adv = q_t - value.apply(value_params, obs)
         grads, m_actor = jax.grad(universal_policy_loss, has_aux=True)(s.actor, obs, batch.actions, beta, adv)
         actor_params, actor_opt = apply_grads(actor_tx, s.actor, s.actor_opt, grads)

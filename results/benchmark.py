@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from common.logging import atomic_write, device_name  # noqa: E402
+from common.logging import atomic_write, device_name, git_state  # noqa: E402
 
 OUT = REPO / "results" / "throughput"
 OBS_DIM, ACTION_DIM, ROWS = 11, 3, 200_000
@@ -352,6 +353,7 @@ def benchmark(algo: str, seeds: list[int], updates: int, chunk: int, batch_size:
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
+        "commit": commit_of_code(),
         "command": ["results/benchmark.py", *sys.argv[1:]],
         "network": setup.network,
         "batch_size": batch_size,
@@ -431,6 +433,17 @@ def peer_rows() -> list[str]:
             f"{', '.join(f'{x:.2f}x' for x in r['ratio_scan_over_jax_corl'])} |"
         )
     return rows
+
+
+def commit_of_code() -> str:
+    """The commit the measured code is at, with " (dirty)" if algorithms/ or common/ had uncommitted changes."""
+    commit, _ = git_state()
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "algorithms", "common"], cwd=REPO,
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        dirty = "unknown"
+    return commit + (" (dirty)" if dirty else "")
 
 
 def main():

@@ -32,6 +32,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmark import commit_of_code  # noqa: E402
+
 from common.logging import atomic_write, device_name  # noqa: E402
 
 OUT = REPO / "results" / "throughput"
@@ -196,6 +198,7 @@ def main():
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
+        "commit": commit_of_code(),
         "command": ["results/peer_benchmark.py", *retyped(sys.argv[1:])],
         "peer": {
             "repository": "github.com/nissymori/JAX-CORL",
