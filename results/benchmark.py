@@ -15,6 +15,7 @@ already on the device, so only the update is timed. Run it on an otherwise idle 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -328,9 +329,20 @@ def time_scan(setup: Setup, num_seeds: int, chunk: int, chunks: int, hp=None, sw
     }
 
 
-def benchmark(algo: str, seeds: list[int], updates: int, chunk: int, batch_size: int, sweep_seeds: int) -> dict:
-    module = load_algorithm(algo)
+def with_flags(module, changes: dict):
+    """The file with its Args built with `changes` on top of what the setup passes (e.g. dropout=0.0)."""
+    if changes:
+        make_args = module.Args
+        module.Args = lambda **given: make_args(**{**given, **changes})
+    return module
+
+
+def benchmark(algo: str, seeds: list[int], updates: int, chunk: int, batch_size: int, sweep_seeds: int,
+              changes: dict | None = None) -> dict:  # fmt: skip
+    module = with_flags(load_algorithm(algo), changes or {})
     setup = SETUPS[algo](module, batch_size)
+    if changes:
+        setup = setup._replace(network=f"{setup.network}, with {changed(changes)}")
     peak = matmul_peak()
     flops = flops_per_update(setup)
     print(f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s; one update {flops / 1e9:.3f} GFLOP", flush=True)
@@ -380,8 +392,9 @@ def table() -> str:
         "The matmul peak is one 2048 x 2048 float32 matmul; the networks' matmuls are 256 wide (DT's 128), and "
         "their elementwise work (activations, Adam, random bits) is not in the FLOP count, so no update reaches "
         "the peak. DT is lowest: its dropout's random bits (threefry, on every activation of every layer) take "
-        "28% of its update on this machine (6.6 updates/s with dropout 0.1, 9.1 with 0), and even without them "
-        "its 128-wide matmuls reach 44%. Slow updates were timed over 100-200 updates (the `command` in each "
+        "31% of its update on this machine (one seed: 6.7 updates/s with dropout 0.1, 9.8 with `--set "
+        "dropout=0.0`, the row marked so), and even without them its 128-wide matmuls reach 45%. "
+        "Slow updates were timed over 100-200 updates (the `command` in each "
         "JSON file), so their rows are noisier.",
         "",
         "Members: seeds, or a --sweep's grid points x seeds (the sweep column names the grid). GFLOP/update: "
@@ -446,6 +459,10 @@ def commit_of_code() -> str:
     return commit + (" (dirty)" if dirty else "")
 
 
+def changed(changes: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in changes.items())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algo", default="iql", choices=sorted(SETUPS))
@@ -454,14 +471,23 @@ def main():
     p.add_argument("--updates", type=int, default=2000, help="timed updates per configuration")
     p.add_argument("--chunk", type=int, default=500, help="updates per lax.scan call")
     p.add_argument("--batch-size", type=int, default=None, help="default: the file's (256; DT 64)")
+    p.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="Args fields changed for this timing (e.g. dropout=0.0); its own file")  # fmt: skip
     p.add_argument("--table", action="store_true", help="only regenerate results/throughput/README.md")
     a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if not a.table:
+        changes = {}
+        for item in a.set:
+            field, eq, value = item.partition("=")
+            if not eq:
+                p.error(f"--set {item!r}: write NAME=VALUE")
+            changes[field.replace("-", "_")] = ast.literal_eval(value)
         batch_size = a.batch_size or DEFAULT_BATCH[a.algo]
-        result = benchmark(a.algo, a.seeds, a.updates, a.chunk, batch_size, a.sweep_seeds)
+        result = benchmark(a.algo, a.seeds, a.updates, a.chunk, batch_size, a.sweep_seeds, changes)
         name = result["device"].replace(" ", "-").replace("/", "-")
-        atomic_write(OUT / f"{a.algo}__{name}.json", json.dumps(result, indent=1) + "\n")
+        suffix = f"__{changed(changes).replace(', ', '__')}" if changes else ""
+        atomic_write(OUT / f"{a.algo}__{name}{suffix}.json", json.dumps(result, indent=1) + "\n")
     atomic_write(OUT / "README.md", table())
     print(table())
 
