@@ -59,6 +59,7 @@ member, so a sweep covers the agent only (each member's rollouts apply its own p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import time
@@ -872,6 +873,43 @@ def make_rollouts(args: Args, sample_action, member, disc, done_fn, mode: str):
     return jax.jit(vmap_members(one_seed, in_axes=(0, 0, 0, None, None, None, 0)), donate_argnums=(1,))
 
 
+class PhaseClock:
+    """Wall time of the rollout rounds and of the update chunks, for the record's `timing` (what a
+    run spends where): each call is timed from an idle device to its results, and the first call of
+    each program (its compilation) is left out."""
+
+    def __init__(self, steps_per_round: int):
+        self.steps_per_round, self.compiled, self.t = steps_per_round, set(), 0.0
+        self.totals = collections.Counter()
+
+    def start(self, state) -> None:
+        jax.block_until_ready(state)
+        self.t = time.perf_counter()
+
+    def stop(self, program, count: int, kept: float = 0.0, states=None) -> None:
+        """count: rollout rounds or updates; kept: transitions the round wrote to the buffers."""
+        jax.block_until_ready(states)
+        seconds = time.perf_counter() - self.t
+        if program not in self.compiled:
+            self.compiled.add(program)
+            return
+        kind = program if isinstance(program, str) else program[0]
+        self.totals.update({f"{kind}_s": seconds, kind: count, "kept": kept})
+
+    def read(self) -> dict:
+        """Rates since the last read (None where nothing was timed), then start counting anew."""
+        t, self.totals = self.totals, collections.Counter()
+        per_s = lambda n, s: round(n / s, 1) if s > 0 else None  # noqa: E731
+        return {
+            "rollout_rounds": t["rollouts"],
+            "rollout_round_s": round(t["rollouts_s"] / t["rollouts"], 3) if t["rollouts"] else None,
+            "model_steps_per_s": per_s(t["rollouts"] * self.steps_per_round, t["rollouts_s"]),
+            "kept_transitions_per_s": per_s(t["kept"], t["rollouts_s"]),
+            "updates": t["updates"],
+            "updates_per_s": per_s(t["updates"], t["updates_s"]),
+        }
+
+
 def buffer_summary(buffers: ModelBuffer) -> dict:
     size = np.asarray(buffers.size)
     filled = np.arange(buffers.data.rewards.shape[1])[None] < size[:, None]
@@ -952,20 +990,25 @@ def train(args: Args) -> dict:
     rollouts = make_rollouts(args, sample_action, member, disc, done_fn, mode)
     n_real = int(args.real_ratio * args.batch_size)
     epoch, chunks = args.updates_per_epoch, {}
-    t0 = time.time()
+    t0, clock = time.time(), PhaseClock(len(members) * args.rollouts_per_epoch * args.rollout_length)
     logger.progress(args.total_steps, initial=step, desc="offline")
     while step < args.total_steps:
         start, target, chunk_metrics, rounds = step, min(step + args.eval_every, args.total_steps), [], []
         while step < target:
             if step % epoch == 0:  # a round of rollouts starts every epoch
+                clock.start(states)
                 buffers, keys, stats = rollouts(states.actor, buffers, keys, offline.observations, dynamics, rm, hp)
-                stats = {name: float(np.mean(v)) for name, v in jax.device_get(stats).items()}
+                stats = jax.device_get(stats)
+                clock.stop("rollouts", 1, kept=float(np.sum(stats["rollout/mean_length"])) * args.rollouts_per_epoch)
+                stats = {name: float(np.mean(v)) for name, v in stats.items()}
                 logger.scalars(step, stats)
                 rounds.append(stats)
             n = min(epoch - step % epoch, target - step)
             if n not in chunks:
                 chunks[n] = make_train_chunk(update, n_real, args.batch_size - n_real, n)
+            clock.start(states)
             states, keys, metrics = chunks[n](states, buffers, keys, offline, hp)
+            clock.stop(("updates", n), n, states=states)
             chunk_metrics.append(metrics)
             step += n
             logger.advance(n)
@@ -977,7 +1020,7 @@ def train(args: Args) -> dict:
         logger.metrics(step, metrics)
         result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed,
                           video=logger.video(step))  # fmt: skip
-        extra = {"model_buffer": buffer_summary(buffers)}
+        extra = {"model_buffer": buffer_summary(buffers), "timing": clock.read()}
         if rounds:  # the rollout rounds since the last evaluation
             extra["rollouts"] = {k: round(float(np.mean([r[k] for r in rounds])), 4) for k in rounds[0]}
         logger.evaluation(step, result, phase="offline", extra=extra)

@@ -417,7 +417,7 @@ def table() -> str:
                 f"{s['updates_per_s_per_seed']} | {s['throughput']} | {s['first_chunk_s']} | "
                 f"{r.get('gflop_per_update', '')} | {r.get('matmul_peak_gflops', '')} | {share} |"
             )
-    return "\n".join(rows + peer_rows()) + "\n"
+    return "\n".join(rows + peer_rows() + phase_rows()) + "\n"
 
 
 def peer_rows() -> list[str]:
@@ -444,6 +444,93 @@ def peer_rows() -> list[str]:
             f"| {r['device']} ({r['cpu_count']} cores) | {r['date']} | {r['peer']['commit'][:7]} | {rate('jax_corl')} "
             f"| {rate('jaxorl_scan')} | {rate('jaxorl_plain')} | "
             f"{', '.join(f'{x:.2f}x' for x in r['ratio_scan_over_jax_corl'])} |"
+        )
+    return rows
+
+
+PHASE_FILES = ("ravl", "morec", "reinflow")
+
+
+def phase_costs(record: dict) -> dict:
+    """What one run spent where, from its record: the dynamics model's and the dynamics reward's training
+    (seconds), and over all its evaluations' `timing` (RAVL, MOREC): seconds per rollout round, model
+    steps/s (every step computed, masked ones included), transitions kept/s, agent updates/s; and
+    ReinFlow's environment steps/s while fine-tuning."""
+    dynamics = record.get("dynamics", {})
+    timing = [e["timing"] for e in record["evaluations"] if e.get("timing")]
+    rounds = sum(t["rollout_rounds"] for t in timing)
+    rollout_s = sum(t["rollout_rounds"] * t["rollout_round_s"] for t in timing if t["rollout_rounds"])
+    steps = sum(
+        t["model_steps_per_s"] * t["rollout_rounds"] * t["rollout_round_s"] for t in timing if t["rollout_rounds"]
+    )
+    kept = sum(
+        t["kept_transitions_per_s"] * t["rollout_rounds"] * t["rollout_round_s"] for t in timing if t["rollout_rounds"]
+    )
+    updates = sum(t["updates"] for t in timing)
+    update_s = sum(t["updates"] / t["updates_per_s"] for t in timing if t["updates"])
+    env = [e["train_env_steps_per_s"] for e in record["evaluations"] if "train_env_steps_per_s" in e]
+    per_s = lambda n, s: round(n / s, 1) if s > 0 else None  # noqa: E731
+    return {
+        "model_training_s": dynamics.get("train_seconds"),
+        "reward_training_s": dynamics.get("reward", {}).get("train_seconds"),
+        "rollout_round_s": round(rollout_s / rounds, 2) if rounds else None,
+        "model_steps_per_s": per_s(steps, rollout_s),
+        "kept_transitions_per_s": per_s(kept, rollout_s),
+        "updates_per_s": per_s(updates, update_s),
+        "env_steps_per_s": round(float(np.mean(env)), 1) if env else None,
+    }
+
+
+def phase_rows(records: Path | None = None) -> list[str]:
+    """A table of what whole runs of RAVL, MOREC and ReinFlow spent where, from their records."""
+    import tables  # results/tables.py: the records' labels and variants
+
+    records = records or REPO / "results" / "records"
+    rows = [
+        "",
+        "## Whole runs: model training, rollouts, updates and environment steps",
+        "",
+        "Read from the records in results/records/ (real runs of the committed code, the command and budget "
+        "in results/README.md), not from random data: seconds to train the dynamics model (RAVL, MOREC) and "
+        "MOREC's dynamics reward; per rollout round of the current policy in the model (or, `true`, the "
+        "simulator on the host), its seconds, model steps/s (every step of every rollout and member "
+        "computed, including those masked after a termination) and transitions kept/s; the agent's "
+        "updates/s between rounds, all members together; ReinFlow's environment steps/s while fine-tuning "
+        "(all members' environments, updates included). Each phase is timed from an idle device to its "
+        "results, its first (compiling) call left out.",
+        "",
+        "| algorithm | dataset | members | device | commit | model training (s) | dynamics reward (s) "
+        "| rollout round (s) | model steps/s | kept transitions/s | agent updates/s | fine-tuning env steps/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    found = [
+        r
+        for path in sorted(records.rglob("*.json"))
+        for r in [tables.load(path)]
+        if r["algorithm"] in PHASE_FILES
+        and (any("timing" in e for e in r["evaluations"]) or r["algorithm"] == "reinflow")
+    ]
+    if not found:
+        return rows[:-3] + ["No record of these files carries its phases' timings yet."]
+    blank = lambda x: "" if x is None else x  # noqa: E731
+    for r in found:
+        c = phase_costs(r)
+        rows.append(
+            f"| {tables.label(r)} | {r['dataset']} | {len(r['seeds']) * len(r.get('sweep', {}).get('points', [0]))} "
+            f"| {r['device']} | {r['commit']}{' (dirty)' if r.get('dirty') else ''} | "
+            + " | ".join(
+                str(blank(c[k]))
+                for k in (
+                    "model_training_s",
+                    "reward_training_s",
+                    "rollout_round_s",
+                    "model_steps_per_s",
+                    "kept_transitions_per_s",
+                    "updates_per_s",
+                    "env_steps_per_s",
+                )
+            )  # fmt: skip
+            + " |"
         )
     return rows
 

@@ -220,6 +220,12 @@ def test_cli_end_to_end(pendulum_dataset, tmp_path):
     assert (run_dir / "dynamics.msgpack").exists() and "filter select" in proc.stdout
     rollouts = record["evaluations"][0]["rollouts"]
     assert 1 <= rollouts["rollout/mean_length"] <= 10 and 0 <= rollouts["filter/rejected_candidates"] <= 1
+    # What the run spent where, per evaluation: every rollout round and update chunk but the first
+    # (compiling) one is timed: rounds at steps 0 and 100, chunks of 50 updates.
+    timing = [e["timing"] for e in record["evaluations"]]
+    assert [t["rollout_rounds"] for t in timing] == [0, 0, 1, 0] and [t["updates"] for t in timing] == [0, 50, 50, 50]
+    assert timing[0]["updates_per_s"] is None and all(t["updates_per_s"] > 0 for t in timing[1:])
+    assert 0 < timing[2]["kept_transitions_per_s"] <= timing[2]["model_steps_per_s"]
     assert_policy_reloads(run_dir)  # load_policy, what --eval-only uses
 
 

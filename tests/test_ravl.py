@@ -249,6 +249,11 @@ def test_cli_end_to_end(pendulum_dataset, tmp_path):
     # Six rounds of 100 rollouts by step 150, each 1 to 5 transitions long, into a buffer of 2500.
     assert 600 <= buffers[0]["size"][0] <= 2500 and buffers[1]["size"][0] >= buffers[0]["size"][0]
     assert 0 < buffers[1]["terminal_fraction"][0] < 1
+    # What the run spent where: rounds and chunks after their first (compiling) call, per evaluation.
+    timing = [e["timing"] for e in record["evaluations"]]
+    assert [t["rollout_rounds"] for t in timing] == [5, 6] and [t["updates"] for t in timing] == [125, 150]
+    assert all(t["model_steps_per_s"] > 0 and t["updates_per_s"] > 0 for t in timing)
+    assert 0 < timing[1]["kept_transitions_per_s"] <= timing[1]["model_steps_per_s"]
     assert_policy_reloads(run_dir)  # load_policy, what --eval-only uses
 
 
@@ -320,4 +325,5 @@ def test_true_dynamics_rollouts_fill_the_buffer(pendulum_dataset, tmp_path):
     assert 200 <= buffer["size"][0] <= 1000 and 0 < buffer["terminal_fraction"][0] < 1
     assert buffer["reward_mean"][0] == pytest.approx(1.0 - buffer["terminal_fraction"][0], abs=1e-3)
     assert record["dynamics"] == {"source": "simulator"}
+    assert record["evaluations"][-1]["timing"]["rollout_rounds"] == 1  # the first round is not timed
     assert not (only_run_dir(tmp_path, "ravl") / "dynamics.msgpack").exists()

@@ -173,3 +173,34 @@ def test_peer_comparison_keeps_no_machine_path_and_shows_in_the_table(tmp_path, 
         == "| cpu (2 cores) | 2026-12-02 | d747dd8 | 250.0, 240.0 | 300.0, 312.0 | 280.0, 290.0 | 1.20x, 1.30x |"
     )
     assert "peer_iql" not in benchmark.table()  # the per-algorithm table skips the peer files
+
+
+def test_phase_costs_combine_a_runs_timings_into_the_throughput_table(tmp_path):
+    """Two evaluations' timings: 2 rounds of 1.0 s at 300 steps/s (150 kept/s) and 1 round of 4.0 s at
+    150 steps/s (75 kept/s) -> 6.0 s for 1200 steps: 2.0 s a round, 200 steps/s, 100 kept/s; 100
+    updates at 50/s and 300 at 150/s -> 400 updates in 4 s: 100/s. A record without timings (made
+    before them) gives no row; a MOPO record is labelled as the tables label it."""
+    import benchmark
+
+    timing = [
+        {"rollout_rounds": 2, "rollout_round_s": 1.0, "model_steps_per_s": 300.0, "kept_transitions_per_s": 150.0,
+         "updates": 100, "updates_per_s": 50.0},
+        {"rollout_rounds": 1, "rollout_round_s": 4.0, "model_steps_per_s": 150.0, "kept_transitions_per_s": 75.0,
+         "updates": 300, "updates_per_s": 150.0},
+    ]  # fmt: skip
+    run = record(algorithm="morec", online_steps=0, config={"no_filter": True},
+                 dynamics={"train_seconds": 61.5, "reward": {"train_seconds": 12.0}})  # fmt: skip
+    run["evaluations"] = [{**entry(50, "offline", [[1.0]]), "timing": t} for t in timing]
+    assert benchmark.phase_costs(run) == {
+        "model_training_s": 61.5, "reward_training_s": 12.0, "rollout_round_s": 2.0, "model_steps_per_s": 200.0,
+        "kept_transitions_per_s": 100.0, "updates_per_s": 100.0, "env_steps_per_s": None,
+    }  # fmt: skip
+    (tmp_path / "morec").mkdir()
+    (tmp_path / "morec" / "local-hopper-medium-v0__short__mopo.json").write_text(json.dumps(run))
+    old = record(algorithm="ravl", online_steps=0)
+    (tmp_path / "ravl").mkdir()
+    (tmp_path / "ravl" / "local-hopper-medium-v0__short.json").write_text(json.dumps(old))
+    rows = [r for r in benchmark.phase_rows(tmp_path) if r.startswith("| ") and "---" not in r][1:]
+    assert rows == ["| morec [mopo] | local/hopper/medium-v0 | 2 | cpu | abc1234 | 61.5 | 12.0 | 2.0 | 200.0 | 100.0 "
+                    "| 100.0 |  |"]  # fmt: skip
+    assert benchmark.phase_rows(tmp_path / "ravl")[-1].startswith("No record")
