@@ -186,8 +186,8 @@ def bc_setup(module, batch_size: int) -> Setup:
 
 def model_based_setup(module, batch_size: int) -> Setup:
     """RAVL and MOREC's agent update (SAC-N / SAC on a dataset-and-model batch), with the model buffer
-    full of random rows: the dynamics model and the rollouts are timed in results/throughput's
-    records, not here."""
+    full of random rows. The dynamics model, the rollouts and the updates of whole runs are timed by
+    the runs themselves (their records' `timing`, tabled by `phase_rows`)."""
     args = module.resolve(module.Args(batch_size=batch_size), HOPPER_MEDIUM)
     init, update, *_ = module.make_agent(args, OBS_DIM, ACTION_DIM)
     data = random_transitions(module.Transitions)
