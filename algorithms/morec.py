@@ -47,7 +47,8 @@ orthogonal init: no batched QR). MOREC-MOBILE is not implemented. Presets (penal
 mode) per (robot, level) from generate_tmuxp_morec_mopo.py; other datasets take its base values
 (lambda 0.1, select). --no-filter is plain MOPO on the same model (one random elite sample a step)
 at the same rollout length; it still scores its transitions with r_D, for the comparison in the logs
-(filter/rejected_transitions: the fraction that r_D would have rejected). --sweep penalty_coef=V1,V2
+and records (filter/rejected_transitions: the fraction that r_D would have rejected;
+rollout/in_distribution_length: the steps before the first of them). --sweep penalty_coef=V1,V2
 (or discount, tau, target_entropy) trains a grid of agents with the seeds as one program
 (common/members.py): the model and the dynamics reward are trained once per run and shared by every
 member, so a sweep covers the agent only (each member's rollouts apply its own penalty).
@@ -722,10 +723,14 @@ def generate_rollouts(policy, step, start_obs, key, k: int):
 
 
 def rollout_stats(transitions: Transitions, valid, info) -> dict:
-    """Means over the rollouts' valid transitions: how much the filter rejects, how long rollouts last."""
+    """Means over the rollouts' valid transitions: how much the filter rejects, how long rollouts last,
+    and how many steps they stay in distribution (r_D at or above the threshold) before their first
+    transition below it: MOREC ends a rollout there, plain MOPO goes on, so the two compare on this."""
     count = jnp.maximum(valid.sum(), 1)
     mean = lambda x: (x * valid).sum() / count  # noqa: E731
-    return {"rollout/mean_length": valid.sum(0).mean(), "rollout/mean_reward": mean(transitions.rewards),
+    in_distribution = jnp.cumprod(valid * (1.0 - info["below"]), axis=0).sum(0).mean()
+    return {"rollout/mean_length": valid.sum(0).mean(), "rollout/in_distribution_length": in_distribution,
+            "rollout/mean_reward": mean(transitions.rewards),
             "rollout/terminal_fraction": mean(1.0 - transitions.masks), "rollout/penalty": mean(info["penalty"]),
             "filter/rejected_candidates": mean(info["candidates_below"]),
             "filter/rejected_transitions": mean(info["below"]),

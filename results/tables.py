@@ -333,6 +333,45 @@ def protocol(records: list[dict]) -> list[str]:
     return lines + [""]
 
 
+ROLLOUT_COLUMNS = {
+    "rollout/mean_length": "rollout length",
+    "rollout/in_distribution_length": "steps in distribution",
+    "filter/rejected_candidates": "candidates below threshold",
+    "filter/rejected_transitions": "transitions below threshold",
+    "filter/dynamics_reward": "r_D of the kept transitions",
+}
+
+
+def rollout_section(records: list[dict]) -> list[str]:
+    """MOREC beside plain MOPO (--no-filter) on the same model: what the filter does to the rollouts,
+    from each evaluation's `rollouts` entry (the mean over the rounds since the previous one)."""
+    rows = [r for r in sorted(records, key=order)
+            if r["algorithm"] == "morec" and any("rollouts" in e for e in r["evaluations"])]  # fmt: skip
+    if not rows:
+        return []
+    lines = [
+        "## MOREC's filter against plain MOPO: the rollouts",
+        "",
+        "Means over every evaluation's rollout rounds (seeds and rounds pooled). Rollout length: the steps a "
+        "rollout keeps before a termination (MOREC also ends one where the kept transition's dynamics reward "
+        "r_D falls below the threshold); steps in distribution: the steps before its first transition with r_D "
+        "below the threshold (MOPO steps on past it); candidates below threshold: of the K candidates a step "
+        "(MOPO: its one random sample); transitions below threshold: of those kept, the ones MOREC's filter "
+        "ends a rollout on, or would have (MOPO).",
+        "",
+        "| algorithm | dataset | tier | seeds | last | " + " | ".join(ROLLOUT_COLUMNS.values()) + " |",
+        "|---|---|---|---|---|" + "---|" * len(ROLLOUT_COLUMNS),
+    ]
+    for r in rows:
+        rounds = [e["rollouts"] for e in r["evaluations"] if "rollouts" in e]
+        cells = [
+            f"{np.mean([x[c] for x in rounds]):.3f}" if all(c in x for x in rounds) else "" for c in ROLLOUT_COLUMNS
+        ]
+        lines.append(f"| {label(r)} | {r['dataset']} | {r['tier']} | {len(r['seeds'])} | "
+                     f"{fmt(seed_scores(r['evaluations'][-1]))} | " + " | ".join(cells) + " |")  # fmt: skip
+    return lines + [""]
+
+
 def generate() -> str:
     records = load_all()
     lines = [
@@ -367,7 +406,7 @@ def generate() -> str:
         lines += [row(r) for r in rows] + [""]
     if not records:
         lines.append("No records yet.")
-    lines += protocol(records) + published()
+    lines += rollout_section(records) + protocol(records) + published()
     if FINDINGS.exists():  # prose explaining the numbers above; each number in it names its record
         lines += [FINDINGS.read_text().strip(), ""]
     PLOTS.mkdir(exist_ok=True)

@@ -129,10 +129,16 @@ def test_low_dynamics_reward_ends_the_rollout_as_a_terminal():
     stats = jax.jit(morec.rollout_stats)(transitions, valid, info)
     np.testing.assert_allclose(stats["filter/rejected_transitions"], 3 / 16, rtol=1e-5)
     np.testing.assert_allclose(stats["rollout/mean_length"], 16 / 3, rtol=1e-5)
+    # In distribution: the steps before the first one below the threshold, 4, 2 and 7, with or without the filter.
+    np.testing.assert_allclose(stats["rollout/in_distribution_length"], 13 / 3, rtol=1e-5)
     transitions, valid, info = run("none")
     assert np.asarray(valid).all() and np.asarray(transitions.masks).all()
     stats = jax.jit(morec.rollout_stats)(transitions, valid, info)
     assert float(stats["filter/rejected_transitions"]) > 0.3  # what the filter would have rejected, logged
+    np.testing.assert_allclose(stats["rollout/mean_length"], 10, rtol=1e-5)
+    # The steps reaching next[0] = 4 sit on the threshold: the filter keeps its best candidate (r_D at
+    # 0.6 or just above), a random elite's tiny noise may cross it: 12 or 13 steps in all.
+    assert 12 / 3 - 1e-5 <= float(stats["rollout/in_distribution_length"]) <= 13 / 3 + 1e-5
 
 
 # --- the learnt dynamics reward --------------------------------------------------------------------

@@ -204,3 +204,28 @@ def test_phase_costs_combine_a_runs_timings_into_the_throughput_table(tmp_path):
     assert rows == ["| morec [mopo] | local/hopper/medium-v0 | 2 | cpu | abc1234 | 61.5 | 12.0 | 2.0 | 200.0 | 100.0 "
                     "| 100.0 |  |"]  # fmt: skip
     assert benchmark.phase_rows(tmp_path / "ravl")[-1].startswith("No record")
+
+
+def test_morec_and_mopo_rollouts_tabled_side_by_side():
+    """Each record's evaluations' rollout means averaged: MOREC's rounds (4, 3) and (6, 5) -> 5.000 and
+    4.000; MOPO's record (made before `in_distribution_length` existed in one round) leaves that cell empty."""
+
+    def rounds(*pairs):
+        return [{"rollout/mean_length": a, "rollout/in_distribution_length": b, "filter/rejected_candidates": 0.5,
+                 "filter/rejected_transitions": 0.25, "filter/dynamics_reward": 0.75} for a, b in pairs]  # fmt: skip
+
+    def morec(no_filter, rollouts):
+        run = record(algorithm="morec", online_steps=0, config={"no_filter": no_filter})
+        run["evaluations"] = [{**entry(50 * (i + 1), "offline", [[10.0], [30.0]]), "rollouts": x}
+                              for i, x in enumerate(rollouts)]  # fmt: skip
+        return run
+
+    mopo_rounds = rounds((10, 2), (10, 2))
+    del mopo_rounds[0]["rollout/in_distribution_length"]
+    lines = tables.rollout_section([morec(False, rounds((4, 3), (6, 5))), morec(True, mopo_rounds)])
+    rows = [line for line in lines if line.startswith("| morec")]
+    assert rows == [
+        "| morec | local/hopper/medium-v0 | short | 2 | 20.0 ± 10.0 | 5.000 | 4.000 | 0.500 | 0.250 | 0.750 |",
+        "| morec [mopo] | local/hopper/medium-v0 | short | 2 | 20.0 ± 10.0 | 10.000 |  | 0.500 | 0.250 | 0.750 |",
+    ]
+    assert tables.rollout_section([record()]) == []  # no MOREC record: no section
