@@ -951,7 +951,10 @@ def train(args: Args) -> dict:
         logger.metrics(step, metrics)
         result = evaluate(meta, policy, states.actor, num_episodes=args.eval_episodes, seed=args.seed,
                           video=logger.video(step))  # fmt: skip
-        extra = {"model_buffer": buffer_summary(buffers), "timing": clock.read()}
+        # The critics' values since the last evaluation, per member: where value learning diverges
+        # (the edge-of-reach failure), these grow without bound while the score collapses.
+        q = {name: np.round(metrics[f"q_{name}_mean"].mean(1), 3).tolist() for name in ("data", "policy")}
+        extra = {"model_buffer": buffer_summary(buffers), "timing": clock.read(), "q_mean": q}
         logger.evaluation(step, result, phase="offline", extra=extra)
         logger.save_checkpoint(states, step, keys, "offline", online=buffers)
     record = logger.close()

@@ -62,6 +62,9 @@ def variant(record: dict) -> str:
         return "o2o"  # IQL offline-to-online, beside the offline record of the same budget
     if record["algorithm"] == "morec" and record.get("config", {}).get("no_filter"):
         return "mopo"  # plain MOPO on the same model and budget, beside MOREC
+    if record["algorithm"] == "ravl" and record.get("config", {}).get("true_dynamics"):
+        config = record["config"]  # the edge-of-reach test: rollouts in the simulator, with or without pessimism
+        return f"true-n{config['num_critics']}-eta{config['eta']:g}"
     if "sweep" in record:
         return "sweep"  # one file; `split_sweep` makes one row per grid point
     return f"top{round(100 * top_fraction(record))}" if top_fraction(record) < 1.0 else ""

@@ -254,6 +254,8 @@ def test_cli_end_to_end(pendulum_dataset, tmp_path):
     assert [t["rollout_rounds"] for t in timing] == [5, 6] and [t["updates"] for t in timing] == [125, 150]
     assert all(t["model_steps_per_s"] > 0 and t["updates_per_s"] > 0 for t in timing)
     assert 0 < timing[1]["kept_transitions_per_s"] <= timing[1]["model_steps_per_s"]
+    q = record["evaluations"][-1]["q_mean"]  # the critics' mean values since the previous evaluation
+    assert len(q["data"]) == len(q["policy"]) == 1 and all(np.isfinite(q["data"] + q["policy"]))
     assert_policy_reloads(run_dir)  # load_policy, what --eval-only uses
 
 

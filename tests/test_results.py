@@ -229,3 +229,10 @@ def test_morec_and_mopo_rollouts_tabled_side_by_side():
         "| morec [mopo] | local/hopper/medium-v0 | short | 2 | 20.0 ± 10.0 | 10.000 |  | 0.500 | 0.250 | 0.750 |",
     ]
     assert tables.rollout_section([record()]) == []  # no MOREC record: no section
+
+
+def test_ravl_runs_on_the_true_dynamics_are_named_apart():
+    true = record(algorithm="ravl", online_steps=0, config={"true_dynamics": True, "num_critics": 2, "eta": 0.0})
+    assert tables.label(true) == "ravl [true-n2-eta0]"
+    assert tables.record_name(true).name == "local-hopper-medium-v0__short__true-n2-eta0.json"
+    assert tables.label(record(algorithm="ravl", online_steps=0, config={"true_dynamics": False})) == "ravl"
