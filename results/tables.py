@@ -375,6 +375,38 @@ def rollout_section(records: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def beta_section(records: list[dict]) -> list[str]:
+    """FamO2O's balance model: the deterministic beta it picks on a fixed sample of dataset states, at
+    the last offline and the last online evaluation (each evaluation's `beta` entry, per seed)."""
+    rows = [r for r in sorted(records, key=order) if any("beta" in e for e in r["evaluations"])]
+    if not rows:
+        return []
+    lines = [
+        "## FamO2O's balance model: beta across dataset states",
+        "",
+        "The balance model's deterministic beta on the same dataset states at every evaluation: its mean and "
+        "standard deviation over the states, and its 5th-95th percentiles, each averaged over seeds. A spread "
+        "well above zero means it picks different balances for different states.",
+        "",
+        "| algorithm | dataset | seeds | beta range | phase (step) | mean over states | std over states "
+        "| 5th-95th percentile |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for phase in ("offline", "online"):
+            entries = [e for e in r["evaluations"] if e["phase"] == phase and "beta" in e]
+            if not entries:
+                continue
+            e, beta = entries[-1], entries[-1]["beta"]
+            low, high = r.get("config", {}).get("beta_min"), r.get("config", {}).get("beta_max")
+            lines.append(
+                f"| {label(r)} | {r['dataset']} | {len(r['seeds'])} | {low}-{high} "
+                f"| {phase} ({e['step']:,}) | {np.mean(beta['mean']):.2f} | {np.mean(beta['std']):.2f} "
+                f"| {np.mean(beta['p5']):.2f}-{np.mean(beta['p95']):.2f} |"
+            )
+    return lines + [""]
+
+
 def generate() -> str:
     records = load_all()
     lines = [
@@ -409,7 +441,7 @@ def generate() -> str:
         lines += [row(r) for r in rows] + [""]
     if not records:
         lines.append("No records yet.")
-    lines += rollout_section(records) + protocol(records) + published()
+    lines += beta_section(records) + rollout_section(records) + protocol(records) + published()
     if FINDINGS.exists():  # prose explaining the numbers above; each number in it names its record
         lines += [FINDINGS.read_text().strip(), ""]
     PLOTS.mkdir(exist_ok=True)

@@ -236,3 +236,21 @@ def test_ravl_runs_on_the_true_dynamics_are_named_apart():
     assert tables.label(true) == "ravl [true-n2-eta0]"
     assert tables.record_name(true).name == "local-hopper-medium-v0__short__true-n2-eta0.json"
     assert tables.label(record(algorithm="ravl", online_steps=0, config={"true_dynamics": False})) == "ravl"
+
+
+def test_famo2o_beta_spread_tabled_at_the_last_offline_and_online_evaluations():
+    def beta(mean, std):
+        return {"mean": mean, "std": std, "p5": [1.0, 2.0], "p50": [2.0, 2.0], "p95": [4.0, 5.0]}
+
+    run = record(algorithm="famo2o", config={"beta_min": 1.0, "beta_max": 5.0})
+    run["evaluations"] = [
+        {**entry(50, "offline", [[1.0], [3.0]]), "beta": beta([9.0, 9.0], [9.0, 9.0])},  # not the last offline one
+        {**entry(100, "offline", [[1.0], [3.0]]), "beta": beta([2.0, 3.0], [1.0, 0.5])},
+        {**entry(50, "online", [[1.0], [3.0]]), "beta": beta([4.0, 4.5], [0.25, 0.75])},
+    ]
+    rows = [line for line in tables.beta_section([run, record()]) if line.startswith("| famo2o")]
+    assert rows == [
+        "| famo2o | local/hopper/medium-v0 | 2 | 1.0-5.0 | offline (100) | 2.50 | 0.75 | 1.50-4.50 |",
+        "| famo2o | local/hopper/medium-v0 | 2 | 1.0-5.0 | online (50) | 4.25 | 0.50 | 1.50-4.50 |",
+    ]
+    assert tables.beta_section([record()]) == []
