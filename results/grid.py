@@ -175,7 +175,7 @@ def matches(record: dict, cell: Cell) -> bool:
     """The record was made by this cell's file, dataset and flags (and files under the cell's variant)."""
     if record.get("algorithm") != cell.algo or record.get("dataset") != cell.dataset:
         return False
-    if tables.variant({k: v for k, v in record.items() if k != "_variant"}) != VARIANTS.get(cell.name, ""):
+    if tables.variant(record) != VARIANTS.get(cell.name, ""):  # an experiment filed under its own name is no cell
         return False
     config = record.get("config", {})
     return all(k in config and same_value(config[k], v) for k, v in flag_values(cell.flags).items() if k != "no_log")
@@ -212,7 +212,7 @@ def current_fingerprint(dataset: str) -> str | None:
 
 def filed(cell: Cell, records: Path, fingerprints: dict) -> Path | None:
     for path in sorted(records.glob(f"{cell.algo}/{cell.dataset.replace('/', '-')}__*.json")):
-        record = json.loads(path.read_text())
+        record = tables.load(path)  # with the name it was filed under
         if not matches(record, cell):
             continue
         if cell.dataset not in fingerprints:

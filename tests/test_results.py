@@ -136,6 +136,28 @@ def test_aggregate_needs_every_dataset_and_tables_regenerate_identically(tmp_pat
     assert tables.generate() == tables.generate()
 
 
+def test_aggregate_counts_only_the_grids_cells():
+    """A record made with a grid cell's file and flags counts; an experiment on the same data (RAVL on
+    the true dynamics, IQL with another beta filed under its own name) does not, though the tier table
+    still lists it."""
+    import grid
+
+    cell = grid.cells_of("short", ["local/hopper/medium-v0"], ["iql"])[0]
+    config = {k.replace("-", "_"): v for k, v in grid.flag_values(cell.flags).items()}
+    build = "0f6e35fb" + "0" * 56
+    scores = [entry(100, "offline", [[40.0], [50.0]])]
+    in_grid = record(algorithm="iql", online_steps=0, config=config, dataset_fingerprint=build, evaluations=scores)
+    experiment = record(algorithm="iql", online_steps=0, config={**config, "beta": 0.0}, _variant="beta0",
+                        dataset_fingerprint=build, evaluations=scores)  # fmt: skip
+    true_dynamics = record(algorithm="ravl", online_steps=0, dataset_fingerprint=build, evaluations=scores,
+                           config={"true_dynamics": True, "num_critics": 2, "eta": 0.0})  # fmt: skip
+    assert grid.matches(in_grid, cell) and not grid.matches(experiment, cell)
+    rows = [line for line in tables.aggregate_section([in_grid, true_dynamics], "short") if line.startswith("| ")]
+    assert rows[1:] == ["| iql | 1 of 4 |  |  |"]  # rows[0]: the header
+    rows = [line for line in tables.aggregate_section([experiment], "short") if line.startswith("| ")]
+    assert rows[1:] == []
+
+
 @pytest.mark.parametrize("algo", ["iql", "cql", "cal_ql", "dt", "famo2o", "bc", "ravl", "morec", "reinflow"])
 def test_benchmark_adapters_follow_the_algorithm_files(algo):
     """results/benchmark.py reaches into each file's make_agent, resolve and chunks: a file that
