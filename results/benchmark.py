@@ -459,13 +459,10 @@ def phase_costs(record: dict) -> dict:
     dynamics = record.get("dynamics", {})
     timing = [e["timing"] for e in record["evaluations"] if e.get("timing")]
     rounds = sum(t["rollout_rounds"] for t in timing)
-    rollout_s = sum(t["rollout_rounds"] * t["rollout_round_s"] for t in timing if t["rollout_rounds"])
-    steps = sum(
-        t["model_steps_per_s"] * t["rollout_rounds"] * t["rollout_round_s"] for t in timing if t["rollout_rounds"]
-    )
-    kept = sum(
-        t["kept_transitions_per_s"] * t["rollout_rounds"] * t["rollout_round_s"] for t in timing if t["rollout_rounds"]
-    )
+    rolled = [(t["rollout_rounds"] * t["rollout_round_s"], t) for t in timing if t["rollout_rounds"]]  # (seconds, t)
+    rollout_s = sum(seconds for seconds, _ in rolled)
+    steps = sum(seconds * t["model_steps_per_s"] for seconds, t in rolled)
+    kept = sum(seconds * t["kept_transitions_per_s"] for seconds, t in rolled)
     updates = sum(t["updates"] for t in timing)
     update_s = sum(t["updates"] / t["updates_per_s"] for t in timing if t["updates"])
     env = [e["train_env_steps_per_s"] for e in record["evaluations"] if "train_env_steps_per_s" in e]
