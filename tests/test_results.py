@@ -276,3 +276,34 @@ def test_famo2o_beta_spread_tabled_at_the_last_offline_and_online_evaluations():
         "| famo2o | local/hopper/medium-v0 | 2 | 1.0-5.0 | online (50) | 4.25 | 0.50 | 1.50-4.50 |",
     ]
     assert tables.beta_section([record()]) == []
+
+
+def machine_paths(value, where=""):
+    """Every string inside `value` (nested lists and dicts) that is an absolute path, with where it is."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in machine_paths(v, f"{where}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in machine_paths(v, f"{where}[{i}]")]
+    return (
+        [f"{where}: {value}"]
+        if isinstance(value, str) and (value.startswith(("/", "~")) or value[1:3] == ":\\")
+        else []
+    )
+
+
+def test_machine_paths_found_anywhere_in_a_record():
+    found = machine_paths({"command": ["algorithms/bc.py", "--out-dir", "/work/runs"], "config": {"out_dir": "runs"}})
+    assert found == [".command[2]: /work/runs"]
+    assert machine_paths({"config": {"dynamics_path": "~/m.msgpack", "dataset": "local/hopper/medium-v0"}}) == [
+        ".config.dynamics_path: ~/m.msgpack"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((REPO / "results").glob("records/*/*.json")) + sorted((REPO / "results").glob("throughput/*.json")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_committed_results_carry_no_path_of_the_machine_that_made_them(path):
+    """A record's command and config read as a user would retype them (issue: the benchmark grid)."""
+    data = json.loads(path.read_text())
+    assert machine_paths({k: data.get(k) for k in ("command", "config")}) == []
