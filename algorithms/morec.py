@@ -27,13 +27,20 @@ The dynamics-reward TRAINING code is not released (the authors ship pretrained d
 file implements it itself, as this repo's choice: a discriminator D(s, a, s' - s) on standardized
 inputs (an MLP, not DARL's "restrain" encoder with its mutual-information term) is trained with the
 logistic GAN loss to tell dataset transitions (label 1, "expert") from the generator's samples (0,
-"learner"); the generator is a Gaussian dynamics network initialized from the best elite and trained
-adversarially to make D call its reparameterized samples real, plus its Gaussian NLL on the data so
-that it stays a dynamics model. This is a ONE-STEP dynamics MDP (the generator gets the pathwise
-gradient of log D at each transition), not DARL's multi-step policy-gradient training of the model.
-After every iteration of `--reward-steps-per-iteration` updates a snapshot is kept, with its mean
-logit on a fixed probe set of dataset transitions (expert value) and of generator samples on them
-(learner value), which is what the official inference normalizes by.
+"learner"); the generator is a Gaussian dynamics network trained FROM SCRATCH (as GAIL's policy) to
+make D call its reparameterized samples real, plus its Gaussian NLL on the data so that it becomes a
+dynamics model. This is a ONE-STEP dynamics MDP (the generator gets the pathwise gradient of log D at
+each transition), not DARL's multi-step policy-gradient training of the model. After every iteration
+of `--reward-steps-per-iteration` updates a snapshot is kept, with its mean logit on a fixed probe set
+of dataset transitions (expert value) and of generator samples on them (learner value), which is what
+the official inference normalizes by. The snapshots thus span generators from poor to good, and
+r_D rejects transitions in proportion to how far they are from the data. (Starting the generator from
+the best elite, as this file first did, leaves nothing to learn: on local/hopper/medium-v0 the
+discriminator stays at chance, its learner and expert logits 0.001-0.004 apart, and the normalization
+turns that noise into an r_D below the 0.6 threshold on 36% of the dataset's own transitions.) The
+record's dynamics.reward.check measures this: the fraction of dataset transitions and of elite-model
+samples below the threshold, and the AUC of dataset transitions against the same ones with next
+states perturbed by 0.2 standard deviations of s' - s.
 
 Other differences, on purpose: (1) one model and one dynamics reward per run (from --dynamics-seed),
 shared by all seeds, saved together in the run directory (dynamics.msgpack), reused with
@@ -561,9 +568,9 @@ def train_dynamics_reward(args: Args, data: Transitions, dynamics: Dynamics, key
     disc = MLP(args.reward_hidden_dims, 1)
     gen = DynamicsMember(args.model_hidden_dims, obs_dim + 1)
     bounds = (dynamics.max_logvar, dynamics.min_logvar)
-    g_params = jax.tree_util.tree_map(lambda p: jnp.copy(p[dynamics.elites[0]]), dynamics.members)
     k_init, k_probe, k_train = jax.random.split(key, 3)
     d_params = jax.jit(disc.init)(k_init, jnp.zeros((1, 2 * obs_dim + actions.shape[1])))
+    g_params = jax.jit(gen.init)(jax.random.fold_in(k_init, 1), jnp.zeros((1, obs_dim + actions.shape[1])), *bounds)
     d_tx, g_tx = optax.adam(args.reward_lr), optax.adam(args.generator_lr)
     probe = jax.random.permutation(k_probe, n)[: min(n, 2048)]
     rm0 = RewardModel(None, None, None, **stats)
@@ -613,11 +620,41 @@ def train_dynamics_reward(args: Args, data: Transitions, dynamics: Dynamics, key
     keep = jnp.asarray(snapshot_indices(args))
     rm = RewardModel(jax.tree_util.tree_map(lambda p: p[keep], snapshots), learner[keep], expert[keep], **stats)
     metrics = {k: float(np.asarray(v)[-1]) for k, v in metrics.items()}
+    check = reward_check(args, disc, gen, rm, dynamics, jax.tree_util.tree_map(lambda a: a[probe], data), k_probe)
     info = dict(snapshots=len(keep), train_seconds=round(time.time() - t0, 1),
-                final={k: round(v, 4) for k, v in metrics.items()})  # fmt: skip
+                final={k: round(v, 4) for k, v in metrics.items()}, check=check)  # fmt: skip
     log(f"dynamics reward: {args.reward_iterations} iterations, {len(keep)} snapshots in the ensemble, last "
-        f"discriminator accuracy {metrics['disc_accuracy']:.3f} ({info['train_seconds']} s)", flush=True)  # fmt: skip
+        f"discriminator accuracy {metrics['disc_accuracy']:.3f} ({info['train_seconds']} s); r_D below "
+        f"{args.terminal_dynamics_reward} on {check['dataset_below']:.3f} of dataset transitions and "
+        f"{check['model_below']:.3f} of model samples, AUC against perturbed next states {check['auc_perturbed']:.3f}",
+        flush=True)  # fmt: skip
     return rm, info
+
+
+def auc(pos, neg) -> float:
+    """P(a positive scores above a negative), ties counting half (the Mann-Whitney statistic)."""
+    pos, neg = np.asarray(pos, np.float64).ravel(), np.asarray(neg, np.float64).ravel()
+    return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+
+
+def reward_check(args: Args, disc, member, rm: RewardModel, dynamics: Dynamics, batch: Transitions, key) -> dict:
+    """Is r_D a usable filter? On dataset transitions: the fraction below the threshold (should be
+    small), the same for one sample of a random elite (a good model: small too), and the AUC of the
+    dataset's transitions against the same with s' perturbed by 0.2 std of s' - s (should be well above 0.5)."""
+    k_elite, k_noise, k_pert = jax.random.split(key, 3)
+    score = lambda s2: np.asarray(dynamics_reward(disc, rm, batch.observations, batch.actions, s2))  # noqa: E731
+    x = standardize_inputs(batch.observations, batch.actions, dynamics.input_mean, dynamics.input_std)
+    mean, logvar = ensemble_apply(member, dynamics.members, dynamics.max_logvar, dynamics.min_logvar, x)
+    rows = jnp.arange(x.shape[0])
+    pick = dynamics.elites[jax.random.randint(k_elite, rows.shape, 0, dynamics.elites.shape[0])]
+    sample = mean[pick, rows] + jnp.exp(0.5 * logvar[pick, rows]) * jax.random.normal(k_noise, mean.shape[1:])
+    delta = batch.next_observations - batch.observations
+    perturbed = batch.next_observations + 0.2 * delta.std(0) * jax.random.normal(k_pert, delta.shape)
+    real = score(batch.next_observations)
+    threshold = args.terminal_dynamics_reward
+    return {"dataset_below": round(float((real < threshold).mean()), 4),
+            "model_below": round(float((score(batch.observations + sample[:, :-1]) < threshold).mean()), 4),
+            "auc_perturbed": round(auc(real, score(perturbed)), 4)}  # fmt: skip
 
 
 def model_template(args: Args, obs_dim: int, action_dim: int) -> tuple[Dynamics, RewardModel]:
