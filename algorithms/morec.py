@@ -35,9 +35,10 @@ of `--reward-steps-per-iteration` updates a snapshot is kept, with its mean logi
 of dataset transitions (expert value) and of generator samples on them (learner value), which is what
 the official inference normalizes by. The snapshots thus span generators from poor to good, and
 r_D rejects transitions in proportion to how far they are from the data. (Starting the generator from
-the best elite, as this file first did, leaves nothing to learn: on local/hopper/medium-v0 the
-discriminator stays at chance, its learner and expert logits 0.001-0.004 apart, and the normalization
-turns that noise into an r_D below the 0.6 threshold on 36% of the dataset's own transitions.) The
+the best elite, as this file first did, leaves nothing to learn where the model fits the data: on
+local/hopper/medium-v0 the discriminator stayed at chance (accuracy 0.507) and the normalization
+turned its noise into an r_D that ended rollouts after 17 steps, results/findings.md; the test on a
+linear system reproduces it: r_D below the 0.6 threshold on 37% of the data's own transitions.) The
 record's dynamics.reward.check measures this: the fraction of dataset transitions and of elite-model
 samples below the threshold, and the AUC of dataset transitions against the same ones with next
 states perturbed by 0.2 standard deviations of s' - s.
