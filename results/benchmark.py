@@ -386,7 +386,9 @@ def table() -> str:
         "",
         "On 2 CPU cores one full-size update already keeps both cores busy, so 4 or 16 vmapped seeds give about "
         "the throughput of one seed (0.8-1.1x): on a CPU, seeds cost wall time linearly. The seed axis is there "
-        "for accelerators; no GPU measurement yet. One member runs unbatched (`common.members.vmap_members`): "
+        "for accelerators; no GPU measurement yet (`bash results/gpu_checks.sh OUT` makes them, with IQL's 1M x 5 "
+        "seeds and sweep checks, in one 10-minute call; its header says how). One member runs unbatched "
+        "(`common.members.vmap_members`): "
         "batched kernels with a batch of 1 cost IQL's update ~10%.",
         "",
         "The matmul peak is one 2048 x 2048 float32 matmul; the networks' matmuls are 256 wide (DT's 128), and "
