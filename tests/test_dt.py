@@ -99,6 +99,40 @@ def test_padding_mask_hides_padded_steps():
 
 
 # --- data: returns-to-go and segments ----------------------------------------------------------
+def test_block_equals_flax_attention_and_dense_layers_on_3d_tokens():
+    """The block's fused query-key-value projection, hand-written attention and 2-D dense layers
+    compute what flax's MultiHeadDotProductAttention and Dense on (B, T, C) tokens do (this file's
+    earlier block), with the fused kernel split into flax's per-head query, key and value kernels."""
+    import flax.linen as nn
+
+    B, T, C, H = 2, 5, 8, 2
+
+    class Reference(nn.Module):
+        @nn.compact
+        def __call__(self, x, mask):
+            h = nn.MultiHeadDotProductAttention(H, name="attn")(nn.LayerNorm(name="ln1")(x), mask=mask)
+            x = x + h
+            return x + nn.Dense(C, name="fc_out")(nn.relu(nn.Dense(4 * C, name="fc")(nn.LayerNorm(name="ln2")(x))))
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(B, T, C)).astype(np.float32)
+    valid = np.array([[False, True, True, True, True], [True] * T])
+    mask = np.asarray(nn.combine_masks(nn.make_causal_mask(valid), valid[:, None, None, :]))
+    block = dt.Block(C, H, 0.1)
+    shapes = jax.eval_shape(lambda: block.init(jax.random.key(0), x, mask, False))["params"]
+    p = jax.tree_util.tree_map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), shapes)
+    W, b = p["qkv"]["kernel"], p["qkv"]["bias"]
+    cols = lambda i: slice(i * C, (i + 1) * C)  # noqa: E731
+    split = {n: {"kernel": W[:, cols(i)].reshape(C, H, C // H), "bias": b[cols(i)].reshape(H, C // H)}
+             for i, n in enumerate(["query", "key", "value"])}  # fmt: skip
+    attn = {**split, "out": {"kernel": p["proj"]["kernel"].reshape(H, C // H, C), "bias": p["proj"]["bias"]}}
+    ref = {"ln1": p["LayerNorm_0"], "ln2": p["LayerNorm_1"], "attn": attn, "fc": p["fc"], "fc_out": p["fc_out"]}
+    expected = Reference().apply({"params": ref}, x, mask)
+    out = block.apply({"params": p}, x, mask, False)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(expected) - x).max() > 0.1  # the block does change its input
+
+
 def test_returns_to_go_of_hand_built_episodes():
     rewards = np.array([1.0, 2.0, 3.0, 10.0, -20.0, 5.0], np.float32)
     starts = np.array([1, 0, 0, 1, 0, 1], bool)  # episodes [1, 2, 3], [10, -20], [5]
