@@ -6,6 +6,7 @@ analysis, the machine's measured float32 matmul peak, and the fraction of it eac
 achieves.
 
     python results/benchmark.py --algo iql          # writes results/throughput/iql__<device>.json
+    python results/benchmark.py --algo dt --matmuls # the update's matmuls, each shape timed alone
     python results/benchmark.py --table             # regenerates results/throughput/README.md
 
 Data are random arrays of a locomotion dataset's shapes (hopper: 11-D observations, 3-D actions)
@@ -18,10 +19,13 @@ import argparse
 import ast
 import importlib.util
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -290,6 +294,83 @@ def matmul_peak(n: int = 2048, reps: int = 20) -> float:
     return 2 * n**3 / best
 
 
+DOT = re.compile(
+    r"stablehlo\.dot_general [^,]+, [^,]+, (?:batching_dims = \[([\d, ]*)\] x \[([\d, ]*)\], )?"
+    r"contracting_dims = \[([\d, ]*)\] x \[([\d, ]*)\][^:]*: \(tensor<([\dx]+)x\w+>, tensor<([\dx]+)x\w+>\)"
+)
+
+
+def parse_matmuls(stablehlo: str) -> Counter:
+    """Every matmul (stablehlo.dot_general) of a lowered program: (lhs shape, rhs shape, dimension
+    numbers as lax.dot_general takes them) -> how many times it occurs."""
+    ints = lambda text: tuple(int(x) for x in (text or "").replace(" ", "").split(",") if x)  # noqa: E731
+    shape = lambda text: tuple(int(x) for x in text.rstrip("x").split("x"))  # noqa: E731
+    found = Counter()
+    for lb, rb, lc, rc, lhs, rhs in DOT.findall(stablehlo):
+        found[(shape(lhs + "x"), shape(rhs + "x"), ((ints(lc), ints(rc)), (ints(lb), ints(rb))))] += 1
+    return found
+
+
+def matmul_flops(lhs: tuple, rhs: tuple, dims) -> int:
+    """2 x batch x contracted x free(lhs) x free(rhs) multiply-adds of one dot_general."""
+    (lc, rc), (lb, rb) = dims
+    free_l = math.prod(n for i, n in enumerate(lhs) if i not in lc + lb)
+    free_r = math.prod(n for i, n in enumerate(rhs) if i not in rc + rb)
+    return 2 * math.prod(lhs[i] for i in lb) * math.prod(lhs[i] for i in lc) * free_l * free_r
+
+
+def time_matmul(lhs: tuple, rhs: tuple, dims, reps: int = 16) -> float:
+    """Seconds of one matmul of these shapes alone: `reps` of them in one jitted scan, each on its own
+    left operand (so none is hoisted out of the loop), best of 3 runs."""
+    a = jax.random.normal(jax.random.key(0), (reps, *lhs), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), rhs, jnp.float32)
+    run = jax.jit(lambda a, b: jax.lax.scan(lambda c, x: (c, jax.lax.dot_general(x, b, dims)), 0.0, a)[1])
+    run(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best / reps
+
+
+def matmuls(algo: str, batch_size: int, updates: int) -> dict:
+    """The update's matmuls at their own shapes: each distinct one timed alone, against the update's
+    time measured in the same run. Their summed time bounds how close to the machine's peak the update
+    can get without changing what it computes (the 'ceiling')."""
+    setup = SETUPS[algo](load_algorithm(algo), batch_size)
+    peak, flops = matmul_peak(), flops_per_update(setup)
+    state, key = jax.jit(setup.init)(jax.random.key(0)), jax.random.key(1)
+    found = parse_matmuls(plain_step(setup).lower(state, key).as_text())
+    rows = []
+    for (lhs, rhs, dims), count in sorted(found.items(), key=lambda kv: -matmul_flops(*kv[0]) * kv[1]):
+        seconds = time_matmul(lhs, rhs, dims)
+        gflop = round(count * matmul_flops(lhs, rhs, dims) / 1e9, 4)
+        rows.append({"lhs": list(lhs), "rhs": list(rhs), "dims": dims, "count": count, "gflop": gflop,
+                     "seconds": count * seconds})  # fmt: skip
+    update_s = 1 / time_plain_loop(setup, updates)["updates_per_s"]
+    matmul_s = sum(r["seconds"] for r in rows)
+    print(f"{sum(found.values())} matmuls ({len(found)} shapes), {sum(r['gflop'] for r in rows):.3f} GFLOP: "
+          f"{1e3 * matmul_s:.2f} ms alone; the update {1e3 * update_s:.2f} ms", flush=True)  # fmt: skip
+    return {
+        "algorithm": algo,
+        "device": device_name(),
+        "jax_version": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit_of_code(),
+        "command": ["results/benchmark.py", *sys.argv[1:]],
+        "network": setup.network,
+        "batch_size": batch_size,
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "gflop_per_update": round(flops / 1e9, 4),
+        "update_ms": round(1e3 * update_s, 3),
+        "matmul_ms": round(1e3 * matmul_s, 3),
+        "matmul_gflop": round(sum(r["gflop"] for r in rows), 4),
+        "matmuls": [{**r, "seconds": round(r["seconds"], 7)} for r in rows],
+    }
+
+
 def time_plain_loop(setup: Setup, updates: int) -> dict:
     """One jitted call per update (batch sampled inside it), called from a Python loop."""
     step = plain_step(setup)
@@ -408,7 +489,7 @@ def table() -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(OUT.glob("*.json")):
-        if path.name.startswith("peer_"):
+        if path.name.startswith(("peer_", "matmuls__")):
             continue
         r = json.loads(path.read_text())
         for s in r["scan_vmap"]:
@@ -419,7 +500,41 @@ def table() -> str:
                 f"{s['updates_per_s_per_seed']} | {s['throughput']} | {s['first_chunk_s']} | "
                 f"{r.get('gflop_per_update', '')} | {r.get('matmul_peak_gflops', '')} | {share} |"
             )
-    return "\n".join(rows + peer_rows() + phase_rows()) + "\n"
+    return "\n".join(rows + matmul_rows() + peer_rows() + phase_rows()) + "\n"
+
+
+def matmul_rows() -> list[str]:
+    """The updates' matmuls at their own shapes (the files of `--matmuls`)."""
+    paths = sorted(OUT.glob("matmuls__*.json"))
+    if not paths:
+        return []
+    rows = [
+        "",
+        "## The updates' matmuls at their own shapes",
+        "",
+        "Generated from the files of `python results/benchmark.py --algo ALGO --matmuls`: every matmul "
+        "(dot_general) of one single-seed update as XLA receives it, each distinct shape timed alone (a jitted "
+        "scan of 16, best of 3) times its count, against the update's own time in the same run (a plain jitted "
+        "loop). Ceiling: the update's GFLOP over its matmuls' time alone, as a % of the same run's matmul peak: "
+        "what the update would reach if everything but its matmuls were free. Where the ceiling is under 60%, "
+        "no rewrite that keeps what the update computes reaches 60% of the peak on that machine. Small "
+        "independent matmuls overlap inside an update, so a share can exceed 100% (IQL's 256-wide layers).",
+        "",
+        "| algorithm | network | device | commit | matmuls (shapes) | their GFLOP | alone (ms) | their GFLOP/s "
+        "| update (ms) | matmuls' share of the update | matmul peak (GFLOP/s) | ceiling (% of peak) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        r = json.loads(path.read_text())
+        count = sum(m["count"] for m in r["matmuls"])
+        ceiling = r["gflop_per_update"] / (r["matmul_ms"] / 1e3) / r["matmul_peak_gflops"]
+        rows.append(
+            f"| {r['algorithm']} | {r['network']} | {r['device']} ({r['cpu_count']} cores) | {r['commit']} | "
+            f"{count} ({len(r['matmuls'])}) | {r['matmul_gflop']} | {r['matmul_ms']} | "
+            f"{r['matmul_gflop'] / (r['matmul_ms'] / 1e3):.1f} | {r['update_ms']} | "
+            f"{100 * r['matmul_ms'] / r['update_ms']:.0f}% | {r['matmul_peak_gflops']} | {100 * ceiling:.0f} |"
+        )
+    return rows
 
 
 def peer_rows() -> list[str]:
@@ -559,10 +674,16 @@ def main():
     p.add_argument("--batch-size", type=int, default=None, help="default: the file's (256; DT 64)")
     p.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
                    help="Args fields changed for this timing (e.g. dropout=0.0); its own file")  # fmt: skip
+    p.add_argument("--matmuls", action="store_true",
+                   help="time the update's matmuls at their own shapes instead (matmuls__ALGO__DEV.json)")  # fmt: skip
     p.add_argument("--table", action="store_true", help="only regenerate results/throughput/README.md")
     a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    if not a.table:
+    if a.matmuls and not a.table:
+        result = matmuls(a.algo, a.batch_size or DEFAULT_BATCH[a.algo], a.updates)
+        name = result["device"].replace(" ", "-").replace("/", "-")
+        atomic_write(OUT / f"matmuls__{a.algo}__{name}.json", json.dumps(result, indent=1) + "\n")
+    elif not a.table:
         changes = {}
         for item in a.set:
             field, eq, value = item.partition("=")

@@ -197,6 +197,37 @@ def test_peer_comparison_keeps_no_machine_path_and_shows_in_the_table(tmp_path, 
     assert "peer_iql" not in benchmark.table()  # the per-algorithm table skips the peer files
 
 
+def test_matmuls_of_a_lowered_program_are_found_with_their_flops(tmp_path, monkeypatch):
+    """--matmuls reads every dot_general of a lowered program with its shapes and dimension numbers;
+    FLOPs by hand: 2 x batch x contracted x free dimensions."""
+    import benchmark
+    import jax
+    import jax.numpy as jnp
+
+    def program(x, w, a, b):
+        h = jnp.einsum("btc,cd->btd", x, w)  # (4, 5, 3) @ (3, 6): 2 * 20 * 3 * 6 = 720
+        g = jnp.einsum("btc,btd->cd", x, h)  # contracts b and t: 2 * 20 * 3 * 6 = 720
+        return h.sum() + g.sum() + jnp.einsum("nij,njk->nik", a, b).sum()  # batched: 2 * 7 * 2 * 3 * 4 = 336
+
+    shapes = [(4, 5, 3), (3, 6), (7, 2, 3), (7, 3, 4)]
+    text = jax.jit(program).lower(*(jnp.ones(s) for s in shapes)).as_text()
+    found = benchmark.parse_matmuls(text)
+    assert sorted(benchmark.matmul_flops(*k) * n for k, n in found.items()) == [336, 720, 720]
+    assert found[((4, 5, 3), (3, 6), (((2,), (0,)), ((), ())))] == 1
+    assert found[((7, 2, 3), (7, 3, 4), (((2,), (1,)), ((0,), (0,))))] == 1
+    record = {"algorithm": "dt", "network": "GPT", "device": "cpu", "cpu_count": 2, "commit": "abc1234",
+              "matmuls": [{"count": 3}, {"count": 2}], "matmul_gflop": 10.0, "matmul_ms": 100.0, "update_ms": 200.0,
+              "gflop_per_update": 12.0, "matmul_peak_gflops": 300.0}  # fmt: skip
+    (tmp_path / "matmuls__dt__cpu.json").write_text(json.dumps(record))
+    monkeypatch.setattr(benchmark, "OUT", tmp_path)
+    # 5 matmuls of 2 shapes, 10 GFLOP in 0.1 s = 100 GFLOP/s, half the update; ceiling 12 / 0.1 / 300 = 40%
+    assert (
+        benchmark.matmul_rows()[-1]
+        == "| dt | GPT | cpu (2 cores) | abc1234 | 5 (2) | 10.0 | 100.0 | 100.0 | 200.0 | 50% | 300.0 | 40 |"
+    )
+    assert "## The updates' matmuls" in benchmark.table()  # the per-algorithm rows skip the file (no scan_vmap)
+
+
 def test_phase_costs_combine_a_runs_timings_into_the_throughput_table(tmp_path):
     """Two evaluations' timings: 2 rounds of 1.0 s at 300 steps/s (150 kept/s) and 1 round of 4.0 s at
     150 steps/s (75 kept/s) -> 6.0 s for 1200 steps: 2.0 s a round, 200 steps/s, 100 kept/s; 100
