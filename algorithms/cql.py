@@ -242,9 +242,12 @@ def sample_actions(mean, log_std, noise):
 
 
 def q_multi(critic: Critics, params, obs, actions):
-    """Q of M actions per state in one forward pass: obs (B, d), actions (B, M, A) -> (2, B, M)."""
-    obs = jnp.broadcast_to(obs[:, None, :], actions.shape[:2] + obs.shape[-1:])
-    return critic.apply(params, obs, actions)
+    """Q of M actions per state in one forward pass: obs (B, d), actions (B, M, A) -> (2, B, M). The
+    critics see (B * M, d + A) rows: on XLA's CPU backend the weight gradients of 3-D dots (contracting
+    B and M) ran ~2x slower than 2-D matmuls, and the update ~1.2x (results/throughput, matmuls)."""
+    B, M, A = actions.shape
+    obs = jnp.broadcast_to(obs[:, None, :], (B, M, obs.shape[-1])).reshape(B * M, -1)
+    return critic.apply(params, obs, actions.reshape(B * M, A)).reshape(-1, B, M)
 
 
 GROUPS = ("actor", "critic", "log_alpha", "log_alpha_prime")  # parameter groups, one loss and one Adam each
