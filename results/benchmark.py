@@ -334,6 +334,23 @@ def time_matmul(lhs: tuple, rhs: tuple, dims, reps: int = 16) -> float:
     return best / reps
 
 
+def measured_on(algo: str, setup: Setup, batch_size: int, peak: float, flops: float) -> dict:
+    """What every throughput file starts with: the update measured, the machine and the code."""
+    return {
+        "algorithm": algo,
+        "device": device_name(),
+        "jax_version": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit_of_code(),
+        "command": ["results/benchmark.py", *sys.argv[1:]],
+        "network": setup.network,
+        "batch_size": batch_size,
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "gflop_per_update": round(flops / 1e9, 4),
+    }
+
+
 def matmuls(algo: str, batch_size: int, updates: int) -> dict:
     """The update's matmuls at their own shapes: each distinct one timed alone, against the update's
     time measured in the same run. Their summed time bounds how close to the machine's peak the update
@@ -353,17 +370,7 @@ def matmuls(algo: str, batch_size: int, updates: int) -> dict:
     print(f"{sum(found.values())} matmuls ({len(found)} shapes), {sum(r['gflop'] for r in rows):.3f} GFLOP: "
           f"{1e3 * matmul_s:.2f} ms alone; the update {1e3 * update_s:.2f} ms", flush=True)  # fmt: skip
     return {
-        "algorithm": algo,
-        "device": device_name(),
-        "jax_version": jax.__version__,
-        "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": commit_of_code(),
-        "command": ["results/benchmark.py", *sys.argv[1:]],
-        "network": setup.network,
-        "batch_size": batch_size,
-        "matmul_peak_gflops": round(peak / 1e9, 1),
-        "gflop_per_update": round(flops / 1e9, 4),
+        **measured_on(algo, setup, batch_size, peak, flops),
         "update_ms": round(1e3 * update_s, 3),
         "matmul_ms": round(1e3 * matmul_s, 3),
         "matmul_gflop": round(sum(r["gflop"] for r in rows), 4),
@@ -441,17 +448,7 @@ def benchmark(algo: str, seeds: list[int], updates: int, chunk: int, batch_size:
         print(f"lax.scan x vmap, {n} members{' (sweep ' + name + ')' if name else ''}: {res}", flush=True)
         scans.append(res)
     return {
-        "algorithm": algo,
-        "device": device_name(),
-        "jax_version": jax.__version__,
-        "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": commit_of_code(),
-        "command": ["results/benchmark.py", *sys.argv[1:]],
-        "network": setup.network,
-        "batch_size": batch_size,
-        "matmul_peak_gflops": round(peak / 1e9, 1),
-        "gflop_per_update": round(flops / 1e9, 4),
+        **measured_on(algo, setup, batch_size, peak, flops),
         "plain_loop": plain,
         "scan_vmap": scans,
     }
