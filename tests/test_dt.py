@@ -133,6 +133,22 @@ def test_block_equals_flax_attention_and_dense_layers_on_3d_tokens():
     assert np.abs(np.asarray(expected) - x).max() > 0.1  # the block does change its input
 
 
+def test_dropout_drops_the_rate_and_rescales_the_rest():
+    """16-bit dropout: a fraction `rate` (0.100006) of the elements is zeroed, the others are scaled by
+    1 / (1 - rate); the same key gives the same mask, another key another; off at evaluation."""
+    x = jnp.ones((1000, 1000))
+    drop = dt.Dropout(0.1)
+    out = np.asarray(drop.apply({}, x, False, rngs={"dropout": jax.random.key(0)}))
+    zero = out == 0
+    assert abs(zero.mean() - 6554 / 2**16) < 0.002  # 1e6 draws: std 3e-4
+    np.testing.assert_allclose(out[~zero], 1 / 0.9, rtol=1e-6)
+    assert 0.098 < zero[:500].mean() < 0.102 and 0.098 < zero[500:].mean() < 0.102  # low and high 16 bits
+    again = np.asarray(drop.apply({}, x, False, rngs={"dropout": jax.random.key(0)}))
+    other = np.asarray(drop.apply({}, x, False, rngs={"dropout": jax.random.key(1)}))
+    assert (again == out).all() and (other != out).mean() > 0.1
+    assert (np.asarray(drop.apply({}, x, True)) == 1).all()
+
+
 def test_returns_to_go_of_hand_built_episodes():
     rewards = np.array([1.0, 2.0, 3.0, 10.0, -20.0, 5.0], np.float32)
     starts = np.array([1, 0, 0, 1, 0, 1], bool)  # episodes [1, 2, 3], [10, -20], [5]
