@@ -263,6 +263,16 @@ def relative(path: Path) -> str:
         return str(path)
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to a cell's run (it keeps its last checkpoint and exits: resumable), SIGKILL after 30 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def run_cell(cell: Cell, runs: Path, deadline: float | None) -> tuple[Path | None, str]:
     """Run or continue one cell until it finishes or the deadline passes: (run dir, outcome)."""
     dirs = run_dirs(cell, runs)
@@ -279,17 +289,16 @@ def run_cell(cell: Cell, runs: Path, deadline: float | None) -> tuple[Path | Non
         log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         outcome = ""
-        while proc.poll() is None:
-            if deadline is not None and time.time() >= deadline:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                outcome = "stopped at the time limit"
-                break
-            time.sleep(1.0)
+        try:
+            while proc.poll() is None:
+                if deadline is not None and time.time() >= deadline:
+                    stop(proc)
+                    outcome = "stopped at the time limit"
+                    break
+                time.sleep(1.0)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is in its own session, so stop it too
+            stop(proc)
+            raise
     dirs = run_dirs(cell, runs)
     if outcome:
         return (dirs[-1] if dirs else None), outcome
@@ -344,5 +353,14 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: the running cell stopped at its last checkpoint; the same command continues it", flush=True)
+        sys.exit(130)

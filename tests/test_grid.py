@@ -74,3 +74,39 @@ def test_interrupted_grid_ends_with_the_records_of_one_uninterrupted_command(pen
     # A filled grid runs nothing.
     assert grid.main([*cells, "--runs", str(tmp_path / "b"), "--records", str(tmp_path / "rb")]) == 0
     assert capsys.readouterr().out.strip().endswith(": filed")
+
+
+def test_ctrl_c_stops_the_cells_run_too_and_says_so_in_one_line(pendulum_dataset, tmp_path):
+    """A cell's run lives in its own session (a terminal's Ctrl-C does not reach it): interrupting the
+    grid command stops that run as well, and ends with one line, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "results/grid.py", "--tier", "tiny", "--datasets", pendulum_dataset, "--algorithms", "iql",
+           "--runs", str(runs), "--records", str(tmp_path / "records")]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    started = time.time()
+    while not any(runs.rglob("config.json")):  # the cell's run has begun (it takes 15-30 s to finish)
+        assert proc.poll() is None and time.time() - started < 120
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    assert out.strip().splitlines()[-1].startswith("interrupted: the running cell stopped")
+    assert not [cmd for cmd in command_lines() if str(runs) in cmd], "the cell's run outlived the grid command"
+
+
+def command_lines() -> list[str]:
+    """The command lines of this machine's processes (Linux)."""
+    found = []
+    for pid in Path("/proc").iterdir():
+        try:
+            found.append((pid / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # not a process, or one that just ended
+            continue
+    return found
