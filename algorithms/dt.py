@@ -29,8 +29,8 @@ episodes per seed on mazes, 10 on locomotion.
 
 Written for speed where that changes nothing computed: the dense layers see (N, C) token matrices,
 attention is GPT-2's fused query-key-value projection written out, and dropout draws 16 random bits
-per element (drop probability 0.100006 for 0.1); together ~1.5x the update rate of flax's attention
-and dropout on this repo's CPUs (results/throughput).
+per element (drop probability 0.100006 for 0.1); together ~1.3x the update rate of flax's attention
+and dropout on this repo's 2-core CPUs (results/throughput).
 
     python algorithms/dt.py                                    # local/hopper/medium-v0, paper budget
     python algorithms/dt.py --dataset local/walker2d/medium-v0 --num-seeds 2 --total-steps 10000
@@ -218,8 +218,8 @@ def gpt_init():
 
 class Dropout(nn.Module):
     """Inverted dropout (torch's nn.Dropout) from 16 random bits per element, two per 32-bit word: half
-    the threefry work of jax.random.bernoulli, which draws a word per element (DT's update ~1.1x on
-    CPU). An element is dropped with probability round(rate * 2^16) / 2^16: 0.100006 for 0.1."""
+    the threefry work of jax.random.bernoulli, which draws a 32-bit word per element. An element is
+    dropped with probability round(rate * 2^16) / 2^16: 0.100006 for 0.1."""
 
     rate: float
 

@@ -319,19 +319,22 @@ def matmul_flops(lhs: tuple, rhs: tuple, dims) -> int:
     return 2 * math.prod(lhs[i] for i in lb) * math.prod(lhs[i] for i in lc) * free_l * free_r
 
 
-def time_matmul(lhs: tuple, rhs: tuple, dims, reps: int = 16) -> float:
-    """Seconds of one matmul of these shapes alone: `reps` of them in one jitted scan, each on its own
-    left operand (so none is hoisted out of the loop), best of 3 runs."""
-    a = jax.random.normal(jax.random.key(0), (reps, *lhs), jnp.float32)
+def time_matmul(lhs: tuple, rhs: tuple, dims, reps: int = 30) -> float:
+    """Seconds of one matmul of these shapes alone: a jitted call of just that dot_general, `reps`
+    calls dispatched back to back, best of 3. (Timed inside a lax.scan instead, the same dots ran at
+    about half this rate on 2 CPU cores.)"""
+    a = jax.random.normal(jax.random.key(0), lhs, jnp.float32)
     b = jax.random.normal(jax.random.key(1), rhs, jnp.float32)
-    run = jax.jit(lambda a, b: jax.lax.scan(lambda c, x: (c, jax.lax.dot_general(x, b, dims)), 0.0, a)[1])
+    run = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims))
     run(a, b).block_until_ready()
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
-        run(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return best / reps
+        for _ in range(reps):
+            out = run(a, b)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
 
 
 def measured_on(algo: str, setup: Setup, batch_size: int, peak: float, flops: float) -> dict:
@@ -471,11 +474,14 @@ def table() -> str:
         "",
         "The matmul peak is one 2048 x 2048 float32 matmul; the networks' matmuls are 256 wide (DT's 128), and "
         "their elementwise work (activations, Adam, random bits) is not in the FLOP count, so no update reaches "
-        "the peak. DT is lowest: its dropout's random bits (threefry, on every activation of every layer) take "
-        "31% of its update on this machine (one seed: 6.7 updates/s with dropout 0.1, 9.8 with `--set "
-        "dropout=0.0`, the row marked so), and even without them its 128-wide matmuls reach 45%. "
-        "Slow updates were timed over 100-200 updates (the `command` in each "
-        "JSON file), so their rows are noisier.",
+        "the peak. DT is lowest (39% for one seed): its matmuls alone take half of its update (69 of 137 ms, "
+        "the matmuls section below), the rest is LayerNorms, softmax and dropout (one seed: 8.7 updates/s with "
+        "dropout 0.1, 10.2 with `--set dropout=0.0`, the row marked so). Two rewrites that change nothing "
+        "computed raised DT's update from 6.7 to 8.7 updates/s (one seed, files of 2 and 3 December 2026) and "
+        "CQL's and Cal-QL's from 13.4 and 13.9 to 18.7: their dense layers see 2-D matrices (XLA's CPU weight "
+        "gradient of a 3-D dot contracting two axes ran 2-3.5x slower than the same 2-D matmul), and DT's "
+        "dropout draws 16 random bits per element where jax.random.bernoulli draws 32. Slow updates were timed "
+        "over 100-200 updates (the `command` in each JSON file), so their rows are noisier.",
         "",
         "Members: seeds, or a --sweep's grid points x seeds (the sweep column names the grid). GFLOP/update: "
         "XLA's cost analysis of one single-seed update; % of peak: throughput x GFLOP/update over the measured "
@@ -510,12 +516,12 @@ def matmul_rows() -> list[str]:
         "## The updates' matmuls at their own shapes",
         "",
         "Generated from the files of `python results/benchmark.py --algo ALGO --matmuls`: every matmul "
-        "(dot_general) of one single-seed update as XLA receives it, each distinct shape timed alone (a jitted "
-        "scan of 16, best of 3) times its count, against the update's own time in the same run (a plain jitted "
-        "loop). Ceiling: the update's GFLOP over its matmuls' time alone, as a % of the same run's matmul peak: "
-        "what the update would reach if everything but its matmuls were free. Where the ceiling is under 60%, "
-        "no rewrite that keeps what the update computes reaches 60% of the peak on that machine. Small "
-        "independent matmuls overlap inside an update, so a share can exceed 100% (IQL's 256-wide layers).",
+        "(dot_general) of one single-seed update as XLA receives it, each distinct shape timed alone (30 "
+        "jitted calls of just that matmul, best of 3) times its count, against the update's own time in the "
+        "same run (a plain jitted loop). Ceiling: the update's GFLOP over its matmuls' time alone, as a % of "
+        "the same run's matmul peak: what the update would reach if everything but its matmuls took no time. "
+        "Independent matmuls can overlap inside an update (two critics on two cores), so a share can exceed "
+        "100%.",
         "",
         "| algorithm | network | device | commit | matmuls (shapes) | their GFLOP | alone (ms) | their GFLOP/s "
         "| update (ms) | matmuls' share of the update | matmul peak (GFLOP/s) | ceiling (% of peak) |",
