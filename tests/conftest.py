@@ -35,35 +35,6 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Tests that share a module-scoped fixture (a trained run, built datasets) form one
-    `xdist_group`, so `--dist loadgroup` sends them to one worker: split over two workers, each
-    would build the fixture again (63 s of hopper builds twice, for one). Tests linked through any
-    shared fixture join one group (union-find over the fixtures' names)."""
-    parent: dict[str, str] = {}
-
-    def root(name: str) -> str:
-        while parent.setdefault(name, name) != name:
-            name = parent[name]
-        return name
-
-    shared = {}
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        names = [
-            f"{item.module.__name__}.{name}"
-            for name, fixturedefs in (defs.name2fixturedefs.items() if defs else ())
-            if fixturedefs and fixturedefs[-1].scope == "module"
-        ]
-        for name in names[1:]:
-            parent[root(name)] = root(names[0])
-        if names:
-            shared[item] = names[0]
-    for item, name in shared.items():
-        item.add_marker(pytest.mark.xdist_group(root(name)))
-
-
 @pytest.fixture(autouse=True)
 def _silence_mujoco():
     # MuJoCo 4 warns about half_cheetah.xml and appends it to ./MUJOCO_LOG.TXT otherwise.
