@@ -280,18 +280,7 @@ def flops_per_update(setup: Setup) -> float:
 
 def matmul_peak(n: int = 2048, reps: int = 20) -> float:
     """Measured float32 FLOP/s of a large square matmul on the default device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    mm = jax.jit(lambda a, b: a @ b)
-    mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = mm(a, b)
-        out.block_until_ready()
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return 2 * n**3 / best
+    return 2 * n**3 / time_matmul((n, n), (n, n), (((1,), (0,)), ((), ())), reps)
 
 
 DOT = re.compile(
