@@ -11,17 +11,22 @@ fine-tunes with its own balance.
 
 Follows the official code (LeapLabTHU/FamO2O, jax_iql/): IQL's value and critic updates unchanged
 (see iql.py); per update V -> balance model -> its temperature -> universal policy -> Q -> Polyak.
-The balance model is a tanh-squashed 1-D Gaussian with a state-independent log-std, its sample
-x in (-1, 1) mapped to beta = (x + 1) / 2 * (beta_max - beta_min) + beta_min, trained SAC-style
-through the frozen universal policy against the target critic, with its own entropy temperature
-(target entropy -1/2). It is trained offline too; only the universal policy's beta switches from
-uniform to balance samples online (drawn from the balance model as it was before this update, as
-the official code passes it). Acting uses the balance model's deterministic beta (tanh of its mean).
-Differences, on purpose: the balance loss draws its beta and its action with two keys (the official
-code reuses one); no dropout (the released configs use none). The official code released only an
-AntMaze config (beta in (8, 14), expectile 0.9); the locomotion preset, beta in (1, 5) with
-expectile 0.7, is the learner's default range with IQL's locomotion expectile. PointMaze uses the
-AntMaze preset, as iql.py does.
+The balance model is a tanh-squashed 1-D Gaussian with a state-independent log-std, its sample x in
+(-1, 1) mapped to beta = (x + 1) / 2 * (beta_max - beta_min) + beta_min, trained SAC-style through
+the frozen universal policy against the target critic, with its own entropy temperature (target
+entropy -1/2). It is trained offline too; only the universal policy's beta switches from uniform to
+balance samples online (drawn from the balance model as it was before this update, as the official
+code passes it). Acting uses the balance model's deterministic beta (tanh of its mean). Differences,
+on purpose: the advantage weights use each sample's own beta (the method as described: one beta per
+sample for both); the official code's (B,) advantages times its (B, 1) betas broadcast to a B x B
+matrix that the loss averages, so there a sample's weight is the mean of min(exp(beta_i * adv), 100)
+over the batch's betas and does not depend on the beta the policy is given
+(--official-weight-broadcast does that); the balance loss draws its beta and its action with two
+keys (the official code reuses one); no dropout (the released configs use none); offline-only runs
+(--online-steps 0) decay the universal policy's learning rate to 0 by cosine, as iql.py (the
+official FamO2O never decays it). The official code released only an AntMaze config (beta in (8,
+14), expectile 0.9); the locomotion preset, beta in (1, 5) with expectile 0.7, is the learner's
+default range with IQL's locomotion expectile. PointMaze uses the AntMaze preset, as iql.py does.
 
     python algorithms/famo2o.py --dataset local/walker2d/medium-replay-v0 --total-steps 100000 --online-steps 50000
     python algorithms/famo2o.py --dataset local/pointmaze/medium-sparse-v0 --num-seeds 3
@@ -90,7 +95,7 @@ class Args:
     tau: float = 0.005
     """Polyak rate of the target critic"""
     actor_lr: float = 3e-4
-    """universal policy and balance model learning rate (cosine-decayed to 0 over total_steps when offline only)"""
+    """universal policy and balance model learning rate (the policy's decays to 0 by cosine when offline only)"""
     critic_lr: float = 3e-4
     """critic learning rate"""
     value_lr: float = 3e-4
@@ -108,6 +113,9 @@ class Args:
     """initial entropy temperature of the balance model"""
     target_entropy: float = -0.5
     """target entropy of the balance model (the official -1/2 for its one dimension)"""
+    official_weight_broadcast: bool = False
+    """the official code's advantage weights: its (B,) advantages times a (B, 1) beta broadcast to B x B,
+    so sample j is weighted by mean_i min(exp(beta_i adv_j), 100), whatever its own beta"""
     sweep: tuple[str, ...] = ()
     """hyperparameter grid trained with the seeds as one program, e.g. --sweep expectile=0.7,0.9 beta-max=5,10"""
 
@@ -268,8 +276,12 @@ def expectile_loss(diff: jax.Array, expectile: jax.Array) -> jax.Array:
     return weight * diff**2
 
 
-def awr_weights(adv: jax.Array, beta: jax.Array) -> jax.Array:
-    """exp(beta * advantage) with a per-sample beta, clipped at 100 as in the official code."""
+def awr_weights(adv: jax.Array, beta: jax.Array, broadcast: bool = False) -> jax.Array:
+    """exp(beta * advantage) with a per-sample beta, clipped at 100 as in the official code. With
+    `broadcast`, what the official code computes: advantages (B,) times beta (B, 1) give a B x B matrix
+    that its loss averages, so sample j's weight is the mean over the batch's betas."""
+    if broadcast:
+        return jnp.minimum(jnp.exp(beta[:, None] * adv[None, :]), 100.0).mean(0)
     return jnp.minimum(jnp.exp(beta * adv), 100.0)
 
 
@@ -368,7 +380,7 @@ def make_agent(args: Args, obs_dim: int, action_dim: int):
     def universal_policy_loss(actor_params, obs, actions, beta, adv):
         """Advantage-weighted regression with the per-sample beta as both the inverse temperature
         and the policy's input."""
-        weights = awr_weights(adv, beta)
+        weights = awr_weights(adv, beta, args.official_weight_broadcast)
         mean, log_std = actor.apply(actor_params, obs, beta)
         loss = -(weights * gaussian_log_prob(mean, log_std, actions)).mean()
         return loss, {"actor_loss": loss, "weight_mean": weights.mean()}

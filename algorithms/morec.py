@@ -45,19 +45,19 @@ states perturbed by 0.2 standard deviations of s' - s.
 
 Other differences, on purpose: (1) one model and one dynamics reward per run (from --dynamics-seed),
 shared by all seeds, saved together in the run directory (dynamics.msgpack), reused with
---dynamics-path; (2) rollouts keep stepping after a terminal, masked (fixed shapes in lax.scan);
-(3) model epochs drop their last partial minibatch; each member keeps its best-holdout weights;
-(4) batches and start states are drawn with replacement; (5) the actor's learning rate decays by
-update (cosine over --actor-lr-decay-steps, by default the run's first --total-steps), not by epoch;
-(6) evaluation every 10 epochs (checkpoints hold
-the 1M-row buffer); (7) hidden layers use PyTorch's default kernel init with zero biases (no
-orthogonal init: no batched QR). MOREC-MOBILE is not implemented. Presets (penalty lambda, filter
-mode) per (robot, level) from generate_tmuxp_morec_mopo.py; other datasets take its base values
-(lambda 0.1, select). --no-filter is plain MOPO on the same model (one random elite sample a step)
-at the same rollout length; it still scores its transitions with r_D, for the comparison in the logs
-and records (filter/rejected_transitions: the fraction that r_D would have rejected;
-rollout/in_distribution_length: the steps before the first of them). --sweep penalty_coef=V1,V2
-(or discount, tau, target_entropy) trains a grid of agents with the seeds as one program
+--dynamics-path; (2) rollouts keep stepping after a terminal, masked (fixed shapes in lax.scan); (3)
+model epochs drop their last partial minibatch; (4) the actor's learning rate decays by update
+(cosine over --actor-lr-decay-steps, by default the run's first --total-steps: a resumed run that
+extends --total-steps past it trains the critics and alpha only, and says so), not by epoch; (5)
+evaluation every 10 epochs (checkpoints hold the 1M-row buffer); (6) hidden layers use PyTorch's
+default kernel init with zero biases (no orthogonal init: no batched QR). MOREC-MOBILE is not
+implemented. Presets (penalty lambda, filter mode) per (robot, level) from
+generate_tmuxp_morec_mopo.py; other datasets take its base values (lambda 0.1, select). --no-filter
+is plain MOPO on the same model (one random elite sample a step) at the same rollout length; it
+still scores its transitions with r_D, for the comparison in the logs and records
+(filter/rejected_transitions: the fraction that r_D would have rejected;
+rollout/in_distribution_length: the steps before the first of them). --sweep penalty_coef=V1,V2 (or
+discount, tau, target_entropy) trains a grid of agents with the seeds as one program
 (common/members.py): the model and the dynamics reward are trained once per run and shared by every
 member, so a sweep covers the agent only (each member's rollouts apply its own penalty).
 
@@ -445,7 +445,16 @@ def dynamics_loss(trainable, member, x, y, num_hidden: int):
 
 
 def standardize_inputs(obs, actions, mean, std):
-    return jnp.clip((jnp.concatenate([obs, actions], -1) - mean) / std, -10.0, 10.0)
+    """OfflineRL-Kit's StandardScaler.transform (no clip: rollouts far from the data reach the model as they are)."""
+    return (jnp.concatenate([obs, actions], -1) - mean) / std
+
+
+def member_batches(boot, key, batch: int):
+    """One epoch's minibatches, (num_batches, M, batch) row indices: member m draws only from its own
+    bootstrap set boot[m], drawn once (OfflineRL-Kit shuffles each set between epochs, never swaps them)."""
+    num_batches = boot.shape[1] // batch
+    rows = jax.random.permutation(key, boot.shape[1])[: num_batches * batch].reshape(num_batches, batch)
+    return boot[:, rows].transpose(1, 0, 2)
 
 
 def train_dynamics(args: Args, data: Transitions, key, log=print) -> tuple[Dynamics, dict]:
@@ -454,13 +463,14 @@ def train_dynamics(args: Args, data: Transitions, key, log=print) -> tuple[Dynam
     obs, next_obs = np.asarray(data.observations), np.asarray(data.next_observations)
     x = np.concatenate([obs, np.asarray(data.actions)], -1)
     y = jnp.asarray(np.concatenate([next_obs - obs, np.asarray(data.rewards)[:, None]], -1), jnp.float32)
-    mean, std = x.mean(0), x.std(0)
-    std = np.where(std < 1e-12, 1.0, std)
-    xn = jnp.asarray(np.clip((x - mean) / std, -10, 10), jnp.float32)
     k_split, k_boot, k_init, key = jax.random.split(key, 4)
     n, m = len(x), args.num_models
     perm = jax.random.permutation(k_split, n)
     n_hold = max(1, min(int(n * args.holdout_ratio), args.max_holdout))
+    x_fit = x[np.asarray(perm[n_hold:])]  # the scaler is fitted on the training split, as OfflineRL-Kit's
+    mean, std = x_fit.mean(0), x_fit.std(0)
+    std = np.where(std < 1e-12, 1.0, std)
+    xn = jnp.asarray((x - mean) / std, jnp.float32)
     x_hold, y_hold, x_train, y_train = xn[perm[:n_hold]], y[perm[:n_hold]], xn[perm[n_hold:]], y[perm[n_hold:]]
     boot = jax.random.randint(k_boot, (m, n - n_hold), 0, n - n_hold)
     member, num_hidden = DynamicsMember(args.model_hidden_dims, y.shape[1]), len(args.model_hidden_dims)
@@ -473,10 +483,7 @@ def train_dynamics(args: Args, data: Transitions, key, log=print) -> tuple[Dynam
 
     @jax.jit
     def epoch(trainable, opt_state, key):
-        k_rows, k_members = jax.random.split(key)
-        num_batches = boot.shape[1] // batch
-        rows = jax.random.permutation(k_rows, boot.shape[1])[: num_batches * batch].reshape(num_batches, batch)
-        idx = boot[jax.random.permutation(k_members, m)][:, rows].transpose(1, 0, 2)  # (num_batches, M, batch)
+        idx = member_batches(boot, key, batch)
 
         def body(carry, idx_b):
             trainable, opt_state = carry
@@ -999,6 +1006,12 @@ def train(args: Args) -> dict:
           + (f"; sweep of {len(points)} points x {len(seeds)} seeds: {' '.join(args.sweep)}" if args.sweep else "")
           + (f"; members sharded over {jax.device_count()} devices" if jax.device_count() > 1 else ""),
           flush=True)  # fmt: skip
+    if args.total_steps > args.actor_lr_decay_steps:
+        print(
+            f"note: the actor's learning rate reaches 0 at update {args.actor_lr_decay_steps} "
+            "(--actor-lr-decay-steps); the updates after it train the critics and alpha only",
+            flush=True,
+        )
     path = logger.run_dir / DYNAMICS_FILE
     if logger.resumed:
         dynamics, rm, info = load_model(path, template, "--resume")

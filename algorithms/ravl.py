@@ -266,6 +266,9 @@ def uniform_init(scale: float):
 
 
 TORCH_LINEAR = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PyTorch's nn.Linear weights
+# The official critic (CORL's VectorizedLinear) stores each weight as (in, out) and inits it with
+# kaiming_uniform_, which takes fan_in from the last axis: U(+-1/sqrt(out)), 1/16 on every 256-wide layer.
+VECTORIZED_LINEAR = nn.initializers.variance_scaling(1 / 3, "fan_out", "uniform")
 
 
 def trunc_normal_init(key, shape, dtype=jnp.float32):
@@ -290,8 +293,9 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """One Q network (EDAC's init: hidden biases 0.1, last layer U(-3e-3, 3e-3)); the ensemble is N
-    parameter sets stacked on a leading axis. No orthogonal init, so a vmapped init has no QR."""
+    """One Q network (EDAC's init as the official code does it: hidden weights U(+-1/sqrt(width)), the
+    first layer's included, biases 0.1, last layer U(-3e-3, 3e-3)); the ensemble is N parameter sets
+    stacked on a leading axis. No orthogonal init, so a vmapped init has no QR."""
 
     hidden_dims: tuple[int, ...]
 
@@ -299,7 +303,7 @@ class Critic(nn.Module):
     def __call__(self, obs, action):
         x = jnp.concatenate([obs, action], -1)
         for d in self.hidden_dims:
-            x = nn.relu(nn.Dense(d, kernel_init=TORCH_LINEAR, bias_init=nn.initializers.constant(0.1))(x))
+            x = nn.relu(nn.Dense(d, kernel_init=VECTORIZED_LINEAR, bias_init=nn.initializers.constant(0.1))(x))
         return nn.Dense(1, kernel_init=uniform_init(3e-3), bias_init=uniform_init(3e-3))(x)[..., 0]
 
 

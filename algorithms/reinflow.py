@@ -36,7 +36,8 @@ Differences, on purpose:
 - GAE stops at a truncation and bootstraps from the true last observation there; the official buffer
   bootstraps a truncated chunk from the next episode's first value.
 - Evaluations during fine-tuning run on separate environments (common.evaluation) instead of the
-  official validation iterations, which reset the training environments every 10 iterations.
+  official validation iterations: there every 10th iteration only evaluates (no update, its schedules
+  still stepping) and resets the training environments, so 1000 official iterations hold 900 updates.
 - Environment steps are counted as there (num_envs x 4 per chunk, also where an episode ends inside a
   chunk, whose rest is dropped as the official wrapper does).
 - Pre-training's rate is constant: the official cosine cycle spans 3000 epochs, of which the released
@@ -45,7 +46,14 @@ Differences, on purpose:
   sampling floor on sigma (it equals sigma_min in every config); no BC regularizer (off in the configs).
 - Presets per robot come from the official gym fine-tuning configs (hopper, walker2d, halfcheetah,
   ant); other domains have none and use hopper's. The default of 10 environments per seed suits a
-  CPU; --num-envs 40 gives the official iteration of 80k steps.
+  CPU; --num-envs 40 gives the official iteration of 80k steps and its minibatches of 50k. With 10,
+  an iteration is 20k steps: minibatches of 12.5k, 4x the gradient steps per environment step, and
+  every schedule counted in iterations (learning-rate restarts, critic warm-up, the noise decay)
+  spans a quarter of the official environment steps.
+- Pre-training runs --total-steps updates on every robot (300k: about hopper's official 40 epochs
+  of its data); the official checkpoints train walker2d 80 epochs, ant 50, halfcheetah 1500. The
+  EMA starts averaging after --ema-start epochs (the official counter starts at 1, so it starts one
+  epoch sooner, and copies only every 10th update before that).
 
     python algorithms/reinflow.py --dataset local/hopper/medium-v0 --total-steps 300000 --online-steps 1000000
     python algorithms/reinflow.py --dataset local/walker2d/medium-v0 --num-envs 40 --num-seeds 3

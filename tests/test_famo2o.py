@@ -62,6 +62,15 @@ def test_sinusoidal_encoding_hand_computed():
     np.testing.assert_allclose(code[1], expected, rtol=1e-5, atol=1e-7)
 
 
+def test_advantage_weights_per_sample_and_as_the_official_broadcast():
+    adv, beta = jnp.array([1.0, 2.0]), jnp.array([1.0, 3.0])
+    e = np.e
+    np.testing.assert_allclose(famo2o.awr_weights(adv, beta), [e, 100.0], rtol=1e-6)  # exp(6) clipped at 100
+    # the official (B,) * (B, 1): sample j's weight is the mean over the betas i of min(exp(beta_i adv_j), 100)
+    np.testing.assert_allclose(famo2o.awr_weights(adv, beta, broadcast=True), [(e + e**3) / 2, (e**2 + 100) / 2],
+                               rtol=1e-6)  # fmt: skip
+
+
 def test_balance_loss_gradient_reaches_only_the_balance_model():
     init, _, _, _, parts = agent()
     state = init(jax.random.key(0))
@@ -196,12 +205,13 @@ def test_seed_of_vmapped_run_matches_single_seed_run(pendulum_dataset, tmp_path)
 def test_cli_smoke_then_finished_resume_changes_nothing(pendulum_dataset, tmp_path):
     flags = ["--dataset", pendulum_dataset, "--total-steps", "100", "--online-steps", "50", "--eval-every", "50",
              "--hidden-dims", "32", "32", "--batch-size", "32", "--eval-episodes", "2",
-             "--out-dir", tmp_path]  # fmt: skip
+             "--official-weight-broadcast", "--out-dir", tmp_path]  # fmt: skip
     proc = run_algorithm("famo2o", *flags, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path, "famo2o")
     record = json.loads((run_dir / "record.json").read_text())
     assert record["finished"] and record["command"][0] == "algorithms/famo2o.py"
+    assert record["config"]["official_weight_broadcast"] is True
     assert [(e["phase"], e["step"]) for e in record["evaluations"]] == [
         ("offline", 50),
         ("offline", 100),

@@ -41,6 +41,22 @@ def quiet(*args, **kwargs):
 
 
 # --- the filter -----------------------------------------------------------------------------------
+def test_each_model_member_trains_on_its_own_bootstrap_set_every_epoch():
+    boot = jnp.arange(4 * 20).reshape(4, 20)  # disjoint sets: member m owns rows 20m .. 20m + 19
+    for epoch in range(3):
+        idx = np.asarray(morec.member_batches(boot, jax.random.key(epoch), batch=8))
+        assert idx.shape == (2, 4, 8)  # the last partial minibatch dropped
+        for m in range(4):
+            rows = idx[:, m].ravel()
+            assert ((rows >= 20 * m) & (rows < 20 * m + 20)).all(), (epoch, m)
+            assert len(set(rows.tolist())) == 16  # a shuffle of the set, no repeats within an epoch
+
+
+def test_model_inputs_are_standardized_without_a_clip():
+    x = morec.standardize_inputs(jnp.array([[50.0]]), jnp.array([[-30.0]]), jnp.zeros(2), jnp.ones(2))
+    np.testing.assert_allclose(x, [[50.0, -30.0]])  # far from the data, as OfflineRL-Kit's scaler passes it
+
+
 def test_select_picks_the_highest_dynamics_reward():
     r_d = jnp.asarray(np.random.default_rng(0).normal(size=(10, 500)), jnp.float32)
     pick = jax.jit(morec.choose_candidate, static_argnums=2)(r_d, jax.random.key(0), "select")

@@ -95,6 +95,18 @@ def test_edac_diversity_hand_computed():
     assert float(diversity(linear, w - 0.1 * grads, obs, actions)) < np.sqrt(2)
 
 
+def test_critic_init_is_the_official_vectorized_linear():
+    """The official critic stores weights as (in, out), so PyTorch's init takes fan_in from the output
+    width: every hidden layer, the first included, starts in U(+-1/sqrt(256)), biases 0.1."""
+    params = ravl.Critic((256, 256, 256)).init(jax.random.key(0), jnp.zeros((1, 11)), jnp.zeros((1, 3)))["params"]
+    for name in ("Dense_0", "Dense_1", "Dense_2"):
+        kernel = np.asarray(params[name]["kernel"])
+        assert 0.99 / 16 < np.abs(kernel).max() <= 1 / 16, name  # hopper's 14 inputs would give 1/sqrt(14)
+        assert np.abs(kernel).mean() == pytest.approx(1 / 32, rel=0.02), name  # uniform: mean |w| = bound / 2
+        np.testing.assert_array_equal(params[name]["bias"], np.float32(0.1))
+    assert np.abs(np.asarray(params["Dense_3"]["kernel"])).max() <= 3e-3
+
+
 def test_critic_loss_adds_eta_times_the_diversity():
     args = ravl.Args(hidden_dims=(16, 16), num_critics=3, eta=1.0)
     init, _, _, _, losses = ravl.make_agent(args, 3, 2)
