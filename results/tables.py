@@ -250,14 +250,15 @@ def aggregate_section(records: list[dict], tier: str) -> list[str]:
     import grid
 
     cells = grid.cells_of(tier, grid.CORE, list(grid.CELLS))
-    in_grid = lambda r: any(grid.matches(r, c) for c in cells)  # noqa: E731
+    in_grid = lambda r: any(grid.counts(r, c) for c in cells)  # noqa: E731
     return [
         f"## Aggregate, tier {tier}: IQM over the core grid's datasets",
         "",
         "Interquartile mean of the last evaluation's per-seed scores pooled over "
         f"{', '.join(f'`{d}`' for d in grid.CORE)}, with a 95% stratified-bootstrap interval (seeds resampled "
         "within each dataset, 2000 resamples; Agarwal et al. 2021). Only the grid's cells count (records made "
-        "with a cell's file and flags, on the current build of the dataset: experiments such as RAVL on the "
+        "with a cell's file and flags, on the current build of the dataset, by code since the cell's last fix "
+        '(results/findings.md, "Which code"): experiments such as RAVL on the '
         "true dynamics stay in the tables below), and only algorithms with a record on every one of these "
         "datasets get a number.",
         "",
@@ -326,16 +327,18 @@ def protocol(records: list[dict]) -> list[str]:
         lines.append(f"| {name} | `{' '.join([f'{algo}.py', *own])}` | {text['short']} | {text['paper']} |")
     cells = grid.cells_of("short", grid.CORE, list(grid.CELLS))
     done = {(c.dataset, c.name) for c in cells if grid.recorded(c, records)}
+    old = {(c.dataset, c.name) for c in cells if any(grid.matches(r, c) and grid.current(r) for r in records)}
     lines += [
         "",
         f"Short tier, core grid: {len(done)} of {len(cells)} cells recorded on the current dataset builds "
-        "(`done`); the others remain.",
+        "(`done`); the others remain (`old`: recorded by code a later fix changed, to be run again; "
+        'results/findings.md, "Which code").',
         "",
         "| dataset | " + " | ".join(grid.CELLS) + " |",
         "|---|" + "---|" * len(grid.CELLS),
     ]
     for dataset in grid.CORE:
-        marks = ["done" if (dataset, name) in done else "-" for name in grid.CELLS]
+        marks = ["done" if (dataset, name) in done else "old" if (dataset, name) in old else "-" for name in grid.CELLS]
         lines.append(f"| `{dataset}` | " + " | ".join(marks) + " |")
     return lines + [""]
 

@@ -42,6 +42,25 @@ def test_a_record_matches_only_its_own_cell():
     assert grid.matches(filtered, morec["morec"]) and not grid.matches(filtered, morec["mopo"])
 
 
+def test_a_record_of_older_code_leaves_its_cell_to_be_run_again(tmp_path):
+    (cell,) = grid.cells_of("short", ["local/hopper/medium-v0"], ["ravl"])
+    config = {"total_steps": 10000, "num_seeds": 2, "model_max_epochs": 20, "rollouts_per_epoch": 5000}
+    record = {"algorithm": "ravl", "dataset": "local/hopper/medium-v0", "config": config,
+              "dataset_fingerprint": grid.BUILDS["local/hopper/medium-v0"], "commit": "3c919d5" + "0" * 33}  # fmt: skip
+    assert grid.matches(record, cell) and grid.older_code(record, cell)
+    assert not grid.recorded(cell, [record])
+    newer = {**record, "commit": "fe7a080" + "0" * 33}
+    assert grid.recorded(cell, [newer]) and not grid.older_code(newer, cell)
+    # filed: the old record in results/records is skipped, so the grid runs the cell again
+    path = tmp_path / "ravl" / "local-hopper-medium-v0__short.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(record))
+    fingerprints = {cell.dataset: record["dataset_fingerprint"]}
+    assert grid.filed(cell, tmp_path, fingerprints) is None
+    path.write_text(json.dumps(newer))
+    assert grid.filed(cell, tmp_path, fingerprints) == path
+
+
 def evaluations(records: Path) -> dict:
     out = {}
     for path in sorted(records.rglob("*.json")):
