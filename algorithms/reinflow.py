@@ -674,27 +674,32 @@ def make_pretrain_chunk(update, batch_size: int, chunk_len: int, num_updates: in
 class ChunkEnvs:
     """The training environments of every seed, stepped a chunk at a time as the official MultiStep
     wrapper does: a chunk runs open-loop until its episode ends (the rest is dropped), its reward is the
-    sum, and an ended episode resets at once. Resumable exactly like common.evaluation.OnlineEnvs: it
-    keeps its reset seeds and every chunk, and a resumed run replays them (MuJoCo is deterministic)."""
+    sum, and an ended episode resets at once. Resumable exactly: a reset draws the same random numbers
+    whatever came before it and MuJoCo is deterministic, so a checkpoint keeps, per environment, how
+    many times it was reset and the chunks of its running episode (not every chunk since the start:
+    80M steps at the paper's budget), and a resumed run resets and replays them."""
 
     def __init__(self, meta: Meta, reset_seeds: list[int]):
         self.meta, self.reset_seeds = meta, list(reset_seeds)
         self.envs = [meta.make_env() for _ in reset_seeds]
-        self.chunks: list[np.ndarray] = []
+        self.resets = np.zeros(len(reset_seeds), np.int64)  # resets after the seeded one
+        self.running: list[list[np.ndarray]] = [[] for _ in reset_seeds]  # each env's chunks since its reset
+        self.obs: np.ndarray | None = None
 
     def reset(self) -> np.ndarray:
-        self.chunks = []
-        return np.stack([self.meta.flatten_obs(env.reset(seed=s)[0]) for env, s in zip(self.envs, self.reset_seeds)])
+        self.resets[:], self.running = 0, [[] for _ in self.envs]
+        self.obs = np.stack([self.meta.flatten_obs(e.reset(seed=s)[0]) for e, s in zip(self.envs, self.reset_seeds)])
+        return self.obs
 
     def step(self, chunks: np.ndarray):
         """chunks (num_envs, Ta, |A|) in [-1, 1] -> (obs, reward, terminated, truncated, true_next)."""
         chunks = np.asarray(chunks, np.float32)
-        self.chunks.append(chunks)
         env_actions = self.meta.to_env_action(chunks.reshape(-1, chunks.shape[-1])).reshape(chunks.shape)
         n = len(self.envs)
         obs, true_next = [None] * n, [None] * n
         reward, term, trunc = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
         for i, env in enumerate(self.envs):
+            self.running[i].append(chunks[i])
             for action in env_actions[i]:
                 o, r, term[i], trunc[i], _ = env.step(action)
                 reward[i] += r
@@ -703,16 +708,40 @@ class ChunkEnvs:
             true_next[i] = obs[i] = self.meta.flatten_obs(o)
             if term[i] or trunc[i]:
                 obs[i] = self.meta.flatten_obs(env.reset()[0])
-        return np.stack(obs), reward, term, trunc, np.stack(true_next)
+                self.resets[i] += 1
+                self.running[i] = []
+        self.obs = np.stack(obs)
+        return self.obs, reward, term, trunc, np.stack(true_next)
 
     def state(self) -> dict:
-        return {"env_chunks": np.stack(self.chunks) if self.chunks else np.zeros((0, len(self.envs), 1, 1))}
+        """Per environment: its resets, the chunks of its running episode (zero-padded) and their count,
+        and the current observations (a resumed run checks it rebuilt them)."""
+        n, longest = len(self.envs), max(1, *map(len, self.running))
+        shape = next((c.shape for r in self.running for c in r), (1, 1))
+        running = np.zeros((n, longest, *shape), np.float32)
+        for i, r in enumerate(self.running):
+            if r:
+                running[i, : len(r)] = r
+        return {"env_resets": self.resets.copy(), "env_running": running,
+                "env_running_len": np.array(list(map(len, self.running)), np.int64), "env_obs": self.obs}  # fmt: skip
 
     def restore(self, state: dict) -> np.ndarray:
-        obs = self.reset()
-        for chunks in np.asarray(state["env_chunks"], np.float32):
-            obs = self.step(chunks)[0]
-        return obs
+        self.reset()
+        if "env_chunks" in state:  # a checkpoint of every chunk (written before the running episodes were kept)
+            for chunks in np.asarray(state["env_chunks"], np.float32):
+                self.step(chunks)
+            return self.obs
+        for i, env in enumerate(self.envs):
+            for _ in range(int(state["env_resets"][i])):
+                self.obs[i] = self.meta.flatten_obs(env.reset()[0])
+            self.resets[i] = state["env_resets"][i]
+            for chunk in np.asarray(state["env_running"][i, : int(state["env_running_len"][i])], np.float32):
+                self.running[i].append(chunk)
+                for action in self.meta.to_env_action(chunk):
+                    self.obs[i] = self.meta.flatten_obs(env.step(action)[0])
+        if not np.array_equal(self.obs, state["env_obs"]):
+            raise RuntimeError("the resumed environments do not match the checkpoint's observations")
+        return self.obs
 
     def close(self) -> None:
         for env in self.envs:

@@ -236,11 +236,14 @@ class VideoRecorder:
 class OnlineEnvs:
     """One environment per seed for an online phase, resumable exactly.
 
-    It remembers its reset seeds and every action it was given, so a resumed run rebuilds each
-    environment's state (MuJoCo's state, elapsed steps, the env's RNG, a maze's goal) by replaying
-    them from the same resets: MuJoCo is deterministic on one machine, and replay needs nothing
-    environment-specific. Gymnasium's SAME_STEP autoreset: an ended episode's true last
-    observation is returned as `true_next`, the reset one as `obs`.
+    It remembers its reset seeds, every action it was given and where each episode ended, so a
+    resumed run rebuilds each environment's state (MuJoCo's state, elapsed steps, the env's RNG, a
+    maze's goal) by replay, which needs nothing environment-specific: MuJoCo is deterministic on one
+    machine. A reset draws the same random numbers whatever came before it, so only the episodes
+    running at the checkpoint are replayed (an environment gets its earlier resets without their
+    steps); if that does not give back the checkpoint's observations, everything is replayed from the
+    first reset. Gymnasium's SAME_STEP autoreset: an ended episode's true last observation is
+    returned as `true_next`, the reset one as `obs`.
     """
 
     def __init__(self, meta: Meta, reset_seeds: list[int]):
@@ -249,10 +252,13 @@ class OnlineEnvs:
             [meta.make_env for _ in reset_seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
         )
         self.actions: list[np.ndarray] = []  # every step's actions, (num_envs, action_dim) float32 in [-1, 1]
+        self.ended: list[np.ndarray] = []  # every step's terminated | truncated, (num_envs,) bool
+        self.obs: np.ndarray | None = None  # the current observations
 
     def reset(self) -> np.ndarray:
-        self.actions = []
-        return self.meta.flatten_obs(self.envs.reset(seed=self.reset_seeds)[0])
+        self.actions, self.ended = [], []
+        self.obs = self.meta.flatten_obs(self.envs.reset(seed=self.reset_seeds)[0])
+        return self.obs
 
     def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(obs, reward, terminated, truncated, true_next) after `actions` (in [-1, 1])."""
@@ -263,23 +269,56 @@ class OnlineEnvs:
         true_next = obs.copy()
         for i in np.flatnonzero(term | trunc):
             true_next[i] = self.meta.flatten_obs(info["final_obs"][i])
+        self.ended.append(np.asarray(term | trunc, bool))
+        self.obs = obs
         return obs, np.asarray(reward, np.float64), np.asarray(term, bool), np.asarray(trunc, bool), true_next
 
     def state(self) -> dict:
-        """What a checkpoint keeps: the actions so far, (steps, num_envs, action_dim)."""
+        """What a checkpoint keeps: the actions so far (steps, num_envs, action_dim), where episodes
+        ended (steps, num_envs) and the current observations."""
         n, a = len(self.reset_seeds), self.meta.action_dim
-        return {"env_actions": np.stack(self.actions) if self.actions else np.zeros((0, n, a), np.float32)}
+        if not self.actions:
+            return {"env_actions": np.zeros((0, n, a), np.float32)}
+        return {"env_actions": np.stack(self.actions), "env_ended": np.stack(self.ended), "env_obs": self.obs}
 
     def restore(self, state: dict, on_step: Callable | None = None) -> np.ndarray:
-        """Reset and replay a checkpoint's actions; returns the current observation.
-        `on_step(obs, action, reward, term, trunc, true_next)` sees every replayed step (e.g. to
-        rebuild a trajectory that was running)."""
-        obs = self.reset()
-        for actions in np.asarray(state["env_actions"], np.float32):
+        """Rebuild the environments of a checkpoint; returns the current observation.
+        `on_step(obs, action, reward, term, trunc, true_next)` sees every replayed step, at least
+        every step of the episodes running at the checkpoint (e.g. to rebuild their trajectories)."""
+        actions = np.asarray(state["env_actions"], np.float32)
+        if "env_ended" in state and len(actions):
+            seen: list[tuple] = []
+            obs = self._replay_running(actions, np.asarray(state["env_ended"], bool), lambda *step: seen.append(step))
+            if np.array_equal(obs, state["env_obs"]):
+                for step in seen if on_step is not None else ():
+                    on_step(*step)
+                return obs
+        obs = self.reset()  # a checkpoint without episode ends, or one the shortcut does not rebuild
+        for a in actions:
             prev = obs
-            obs, reward, term, trunc, true_next = self.step(actions)
+            obs, reward, term, trunc, true_next = self.step(a)
             if on_step is not None:
-                on_step(prev, actions, reward, term, trunc, true_next)
+                on_step(prev, a, reward, term, trunc, true_next)
+        return obs
+
+    def _replay_running(self, actions: np.ndarray, ended: np.ndarray, on_step: Callable) -> np.ndarray:
+        """The vector env is replayed from step t0, where the earliest of the running episodes began;
+        before it, each environment gets its resets and the steps of its own episode running at t0."""
+        t0 = min(int(np.flatnonzero(e)[-1]) + 1 if e.any() else 0 for e in ended.T)
+        self.reset()
+        for i, env in enumerate(self.envs.envs):  # SAME_STEP autoreset resets an env with no seed
+            done_before = np.flatnonzero(ended[:t0, i])
+            for _ in done_before:
+                self.obs[i] = self.meta.flatten_obs(env.reset()[0])
+            start = int(done_before[-1]) + 1 if len(done_before) else 0
+            for a in actions[start:t0, i]:
+                self.obs[i] = self.meta.flatten_obs(env.step(self.meta.to_env_action(a))[0])
+        self.actions, self.ended = list(actions[:t0]), list(ended[:t0])
+        obs = self.obs
+        for a in actions[t0:]:
+            prev = obs
+            obs, reward, term, trunc, true_next = self.step(a)
+            on_step(prev, a, reward, term, trunc, true_next)
         return obs
 
     def close(self) -> None:

@@ -242,12 +242,48 @@ def test_online_envs_give_the_true_last_observation_and_replay_exactly():
         last = single.step(meta.to_env_action(a))[0]
     np.testing.assert_allclose(true199[0], last)
     assert not np.allclose(obs199[0], last)
-    # A checkpoint's actions, replayed from the same resets, rebuild the same environments.
+    # A checkpoint's actions, replayed from the same resets, rebuild the same environments: only the
+    # episodes running at the checkpoint are stepped again (both began at step 200).
     restored = OnlineEnvs(meta, [5, 6])
     seen = []
     now = restored.restore(envs.state(), on_step=lambda *step: seen.append(step))
     np.testing.assert_array_equal(now, obs)
-    assert len(seen) == 230
-    np.testing.assert_array_equal(seen[199][5], true199)
+    assert len(seen) == 30 and len(restored.actions) == 230
+    np.testing.assert_array_equal(seen[0][0], obs199)
     more = rng.uniform(-1, 1, (2, 1)).astype(np.float32)
     np.testing.assert_array_equal(restored.step(more)[0], envs.step(more)[0])
+    # A checkpoint without the episode ends (written before they were kept) is replayed from the first reset.
+    old = OnlineEnvs(meta, [5, 6])
+    seen = []
+    now = old.restore({"env_actions": np.stack(envs.actions[:230])}, on_step=lambda *step: seen.append(step))
+    np.testing.assert_array_equal(now, obs)
+    assert len(seen) == 230
+    np.testing.assert_array_equal(seen[199][5], true199)
+
+
+def test_online_envs_resume_steps_only_the_running_episodes(pendulum_dataset):
+    """InvertedPendulum under random actions: episodes end at different steps in each environment, so
+    each is fast-forwarded to the step where the earliest running episode began, then all replay."""
+    from common.evaluation import OnlineEnvs
+
+    _, meta = load_dataset(pendulum_dataset, to_device=False)
+    rng = np.random.default_rng(1)
+    envs = OnlineEnvs(meta, [5, 6, 7])
+    envs.reset()
+    for a in rng.uniform(-1, 1, (150, 3, 1)).astype(np.float32):
+        obs = envs.step(a)[0]
+    state = envs.state()
+    last_end = [int(np.flatnonzero(e)[-1]) for e in state["env_ended"].T]
+    assert len(set(last_end)) >= 2 and all(e.sum() >= 2 for e in state["env_ended"].T)  # several episodes each
+    t0 = min(last_end) + 1
+    restored, seen = OnlineEnvs(meta, [5, 6, 7]), []
+    np.testing.assert_array_equal(restored.restore(state, on_step=lambda *step: seen.append(step)), obs)
+    assert len(seen) == 150 - t0 and len(restored.actions) == 150
+    for a in rng.uniform(-1, 1, (30, 3, 1)).astype(np.float32):
+        for x, y in zip(restored.step(a), envs.step(a)):
+            np.testing.assert_array_equal(x, y)
+    # A checkpoint the shortcut does not rebuild (its observations altered here) is replayed from the start.
+    bad = {**envs.state(), "env_obs": envs.obs + 1.0}
+    seen = []
+    np.testing.assert_array_equal(OnlineEnvs(meta, [5, 6, 7]).restore(bad, on_step=lambda *s: seen.append(s)), envs.obs)
+    assert len(seen) == 180

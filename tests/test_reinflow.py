@@ -221,10 +221,17 @@ def test_chunk_envs_drop_the_rest_of_a_chunk_at_an_episode_end_and_replay_exactl
     assert sum(rewards) == total  # nothing after the fall was run or counted
     np.testing.assert_array_equal(true_next[0], np.float32(fall_obs))  # the state at the fall, before the reset
     assert not np.allclose(obs[0], true_next[0]) and np.allclose(obs[1], true_next[1]) and not term[1]
+    # The checkpoint keeps each environment's resets and its running episode's chunks only: env 0 was
+    # reset once and has run nothing since, env 1 has run every chunk.
     state = envs.state()
-    assert state["env_chunks"].shape == (len(rewards), 2, 4, 1)
-    replayed = reinflow.ChunkEnvs(meta, [0, 1]).restore(state)
-    np.testing.assert_array_equal(replayed, obs)
+    assert state["env_resets"].tolist() == [1, 0] and state["env_running_len"].tolist() == [0, len(rewards)]
+    replayed = reinflow.ChunkEnvs(meta, [0, 1])
+    np.testing.assert_array_equal(replayed.restore(state), obs)
+    more = np.stack([np.full((4, 1), 0.1), np.full((4, 1), -0.1)]).astype(np.float32)
+    for x, y in zip(replayed.step(more), envs.step(more)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(RuntimeError, match="do not match"):  # one that does not rebuild says so
+        reinflow.ChunkEnvs(meta, [0, 1]).restore({**state, "env_resets": np.array([0, 0])})
 
 
 # --- the command line: pre-training, fine-tuning, resume --------------------------------------
