@@ -316,6 +316,10 @@ def termination_of(meta: Meta):
     return TERMINATION.get(env, never_done), env if env in TERMINATION else f"never ({meta.env_spec.id})"
 
 
+# The model's random stream, apart from the agents' (jax.random.key(seed)): with --seed equal to
+# --dynamics-seed, seed 0's agent would otherwise draw the keys of the model's holdout split.
+MODEL_STREAM = 0x6D6F64  # "mod"
+
 # --- Networks -------------------------------------------------------------------------------------
 TORCH_LINEAR = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PyTorch's nn.Linear weights
 
@@ -1016,7 +1020,7 @@ def train(args: Args) -> dict:
     if logger.resumed:
         dynamics, rm, info = load_model(path, template, "--resume")
     elif loaded is None:
-        k_dyn, k_rew = jax.random.split(jax.random.key(args.dynamics_seed))
+        k_dyn, k_rew = jax.random.split(jax.random.fold_in(jax.random.key(args.dynamics_seed), MODEL_STREAM))
         dynamics, info = train_dynamics(args, offline, k_dyn)
         rm, info["reward"] = train_dynamics_reward(args, offline, dynamics, k_rew)
         info.update(dataset=meta.dataset_id, dataset_fingerprint=meta.fingerprint, source="trained",

@@ -260,6 +260,11 @@ def termination_of(meta: Meta):
     return TERMINATION.get(env, never_done), env if env in TERMINATION else f"never ({meta.env_spec.id})"
 
 
+# The model's random stream, apart from the agents' (jax.random.key(seed)): with --seed equal to
+# --dynamics-seed, seed 0's agent would otherwise draw the keys of the model's holdout split.
+MODEL_STREAM = 0x6D6F64  # "mod"
+
+
 # --- Networks -------------------------------------------------------------------------------------
 def uniform_init(scale: float):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -scale, scale)
@@ -900,7 +905,8 @@ def train(args: Args) -> dict:
             dynamics, info = load_dynamics(path, template, "--resume")
         else:
             if dynamics is None:
-                dynamics, info = train_dynamics(args, offline, jax.random.key(args.dynamics_seed))
+                model_key = jax.random.fold_in(jax.random.key(args.dynamics_seed), MODEL_STREAM)
+                dynamics, info = train_dynamics(args, offline, model_key)
                 info.update(dataset=meta.dataset_id, dataset_fingerprint=meta.fingerprint, source="trained")
                 info.update(obs_dim=meta.obs_dim, action_dim=meta.action_dim, num_models=args.num_models,
                             hidden_dims=list(args.model_hidden_dims), dynamics_seed=args.dynamics_seed)  # fmt: skip
