@@ -200,8 +200,8 @@ def current(record: dict) -> bool:
 # commits that made them: such a cell counts as missing and is run again (its row stays in the tables,
 # column `commit`, until the new record replaces it).
 OLDER_CODE = {
-    "ravl": ("3c919d5", "b1fbd44"),  # before fe7a080: critic init
-    "morec": ("d861e37", "b1fbd44"),  # before fe7a080: the dynamics ensemble's bootstrap and scaler
+    "ravl": ("3c919d5", "b1fbd44"),  # before fe7a080 and 306c2f5: critic init, model keys
+    "morec": ("d861e37", "b1fbd44"),  # before fe7a080, 306c2f5: the model's bootstrap, scaler, keys
     "mopo": ("d861e37", "b1fbd44"),
 }
 
