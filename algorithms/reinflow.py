@@ -53,7 +53,8 @@ Differences, on purpose:
 - Pre-training runs --total-steps updates on every robot (300k: about hopper's official 40 epochs
   of its data); the official checkpoints train walker2d 80 epochs, ant 50, halfcheetah 1500. The
   EMA starts averaging after --ema-start epochs (the official counter starts at 1, so it starts one
-  epoch sooner, and copies only every 10th update before that).
+  epoch sooner, and copies only every 10th update before that). Batches of chunks are drawn with
+  replacement (the official loader shuffles through each epoch).
 
     python algorithms/reinflow.py --dataset local/hopper/medium-v0 --total-steps 300000 --online-steps 1000000
     python algorithms/reinflow.py --dataset local/walker2d/medium-v0 --num-envs 40 --num-seeds 3
