@@ -52,6 +52,13 @@ def test_each_model_member_trains_on_its_own_bootstrap_set_every_epoch():
             assert len(set(rows.tolist())) == 16  # a shuffle of the set, no repeats within an epoch
 
 
+def test_dynamics_init_is_offlinerl_kits_all_but_untruncated_normal():
+    w = np.asarray(morec.trunc_normal_init(jax.random.key(0), (200, 200)))
+    std = 1 / (2 * np.sqrt(200))
+    assert w.std() == pytest.approx(std, rel=0.02)  # truncating at 2 std would give 0.88 std
+    assert np.abs(w).max() > 3 * std
+
+
 def test_model_inputs_are_standardized_without_a_clip():
     x = morec.standardize_inputs(jnp.array([[50.0]]), jnp.array([[-30.0]]), jnp.zeros(2), jnp.ones(2))
     np.testing.assert_allclose(x, [[50.0, -30.0]])  # far from the data, as OfflineRL-Kit's scaler passes it
