@@ -201,7 +201,7 @@ def current(record: dict) -> bool:
 # column `commit`, until the new record replaces it).
 OLDER_CODE = {
     "ravl": ("3c919d5", "b1fbd44"),  # before fe7a080 and 306c2f5: critic init, model keys
-    "morec": ("d861e37", "b1fbd44"),  # before fe7a080, 306c2f5: the model's bootstrap, scaler, keys
+    "morec": ("d861e37", "b1fbd44"),  # before fe7a080, 306c2f5, 869e810: the model's bootstrap, scaler, keys, init
     "mopo": ("d861e37", "b1fbd44"),
 }
 
