@@ -377,6 +377,9 @@ def interrupted(signum, frame):
 
 
 if __name__ == "__main__":
+    # SIGINT too: a command started in the background without job control (`cmd &` in a script)
+    # inherits SIGINT as ignored, and Python then installs no KeyboardInterrupt for it.
+    signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     try:
         sys.exit(main())

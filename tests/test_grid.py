@@ -106,8 +106,11 @@ def test_ctrl_c_stops_the_cells_run_too_and_says_so_in_one_line(pendulum_dataset
     runs = tmp_path / "runs"
     cmd = [sys.executable, "results/grid.py", "--tier", "tiny", "--datasets", pendulum_dataset, "--algorithms", "iql",
            "--runs", str(runs), "--records", str(tmp_path / "records")]  # fmt: skip
+    # Started with SIGINT ignored, as `cmd &` in a script without job control starts it: grid.py must
+    # still stop on it (`kill -INT` is how a background grid is stopped).
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
     started = time.time()
     while not any(runs.rglob("config.json")):  # the cell's run has begun (it takes 15-30 s to finish)
         assert proc.poll() is None and time.time() - started < 120
