@@ -293,12 +293,16 @@ class OnlineEnvs:
                 for step in seen if on_step is not None else ():
                     on_step(*step)
                 return obs
-        obs = self.reset()  # a checkpoint without episode ends, or one the shortcut does not rebuild
+        self.reset()  # a checkpoint without episode ends, or one the shortcut does not rebuild
+        return self._replay(actions, on_step or (lambda *step: None))
+
+    def _replay(self, actions: np.ndarray, on_step: Callable) -> np.ndarray:
+        """Step the vector env through `actions` from where it stands, each step shown to `on_step`."""
+        obs = self.obs
         for a in actions:
             prev = obs
             obs, reward, term, trunc, true_next = self.step(a)
-            if on_step is not None:
-                on_step(prev, a, reward, term, trunc, true_next)
+            on_step(prev, a, reward, term, trunc, true_next)
         return obs
 
     def _replay_running(self, actions: np.ndarray, ended: np.ndarray, on_step: Callable) -> np.ndarray:
@@ -314,12 +318,7 @@ class OnlineEnvs:
             for a in actions[start:t0, i]:
                 self.obs[i] = self.meta.flatten_obs(env.step(self.meta.to_env_action(a))[0])
         self.actions, self.ended = list(actions[:t0]), list(ended[:t0])
-        obs = self.obs
-        for a in actions[t0:]:
-            prev = obs
-            obs, reward, term, trunc, true_next = self.step(a)
-            on_step(prev, a, reward, term, trunc, true_next)
-        return obs
+        return self._replay(actions[t0:], on_step)
 
     def close(self) -> None:
         self.envs.close()
