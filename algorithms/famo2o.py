@@ -24,9 +24,10 @@ over the batch's betas and does not depend on the beta the policy is given
 (--official-weight-broadcast does that); the balance loss draws its beta and its action with two
 keys (the official code reuses one); no dropout (the released configs use none); offline-only runs
 (--online-steps 0) decay the universal policy's learning rate to 0 by cosine, as iql.py (the
-official FamO2O never decays it). The official code released only an AntMaze config (beta in (8,
-14), expectile 0.9); the locomotion preset, beta in (1, 5) with expectile 0.7, is the learner's
-default range with IQL's locomotion expectile. PointMaze uses the AntMaze preset, as iql.py does.
+official FamO2O never decays it; a resumed run whose larger budget changes it says so). The
+official code released only an AntMaze config (beta in (8, 14), expectile 0.9); the locomotion
+preset, beta in (1, 5) with expectile 0.7, is the learner's default range with IQL's locomotion
+expectile. PointMaze uses the AntMaze preset, as iql.py does.
 
     python algorithms/famo2o.py --dataset local/walker2d/medium-replay-v0 --total-steps 100000 --online-steps 50000
     python algorithms/famo2o.py --dataset local/pointmaze/medium-sparse-v0 --num-seeds 3
@@ -299,6 +300,29 @@ def tanh_gaussian_log_prob(u, mean, log_std):
 def to_beta(x: jax.Array, hp: Hyper) -> jax.Array:
     """x in [-1, 1] -> beta in [beta_min, beta_max]."""
     return (x + 1.0) / 2.0 * (hp.beta_max - hp.beta_min) + hp.beta_min
+
+
+def schedule_change(run_config: dict, args: Args, step: int) -> str | None:
+    """What a resumed run's larger budget does to the universal policy's learning rate, when it changes the
+    schedule the run followed so far: an offline-only run decays it by cosine over its --total-steps,
+    a run with an online phase keeps it constant (see make_agent). None when nothing changes."""
+    total, online = run_config.get("total_steps", args.total_steps), run_config.get("online_steps", 0)
+    if online > 0 or (args.online_steps == 0 and args.total_steps == total):
+        return None
+    was = optax.cosine_decay_schedule(args.actor_lr, total)(step)
+    if args.online_steps > 0:
+        return (
+            f"--online-steps {args.online_steps} on a run started offline-only: its {step} updates so far "
+            f"decayed the universal policy's learning rate by cosine over {total} (now {was:.3g}); from here it is "
+            f"constant at {args.actor_lr:g}, as in a run given an online phase from its start. "
+            "No uninterrupted run has this schedule"
+        )
+    now = optax.cosine_decay_schedule(args.actor_lr, args.total_steps)(step)
+    return (
+        f"--total-steps {args.total_steps} on a run started with {total}: the universal policy's cosine schedule "
+        f"now spans {args.total_steps} updates, so its learning rate at update {step} goes from {was:.3g} "
+        f"to {now:.3g}. No uninterrupted run has this schedule"
+    )
 
 
 def make_agent(args: Args, obs_dim: int, action_dim: int):
@@ -609,6 +633,9 @@ def train(args: Args) -> dict:
         ck = logger.load_checkpoint(states, keys)
         states, step, keys, phase = ck.state, ck.step, ck.rng, ck.phase
         print(f"resumed from {phase} step {step}", flush=True)
+        change = schedule_change(logger.checkpoint_config, args, step)
+        if change:
+            logger.note(change)
 
     @jax.jit
     def policy(params, carry, obs, prev_reward, rng):  # obs: (members, episodes, obs_dim)

@@ -9,8 +9,9 @@ extracted by advantage-weighted regression, weights exp(beta * (Q - V)) clipped 
 Follows the official code (ikostrikov/implicit_q_learning): the update order V -> actor -> Q ->
 Polyak, the actor and V reading the target critic, a Gaussian policy with tanh on the mean only
 and a state-independent log-std, reward scaling 1000 / (max - min episode return) on locomotion,
-r - 1 on AntMaze, cosine actor learning-rate decay offline, deterministic evaluation. PointMaze
-(not in the paper) uses the AntMaze preset: a sparse goal-reaching task, this repo's choice.
+r - 1 on AntMaze, cosine actor learning-rate decay offline (a resumed run whose larger budget
+changes it says so), deterministic evaluation. PointMaze (not in the paper) uses the AntMaze
+preset: a sparse goal-reaching task, this repo's choice.
 
     python algorithms/iql.py                                   # local/hopper/medium-v0, paper budget
     python algorithms/iql.py --dataset local/hopper/medium-v0 --num-seeds 5 --total-steps 100000
@@ -221,6 +222,29 @@ def awr_weights(adv: jax.Array, beta: jax.Array) -> jax.Array:
 
 def gaussian_log_prob(mean, log_std, action):
     return (-0.5 * ((action - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
+
+
+def schedule_change(run_config: dict, args: Args, step: int) -> str | None:
+    """What a resumed run's larger budget does to the actor's learning rate, when it changes the
+    schedule the run followed so far: an offline-only run decays it by cosine over its --total-steps,
+    a run with an online phase keeps it constant (see make_agent). None when nothing changes."""
+    total, online = run_config.get("total_steps", args.total_steps), run_config.get("online_steps", 0)
+    if online > 0 or (args.online_steps == 0 and args.total_steps == total):
+        return None
+    was = optax.cosine_decay_schedule(args.actor_lr, total)(step)
+    if args.online_steps > 0:
+        return (
+            f"--online-steps {args.online_steps} on a run started offline-only: its {step} updates so far "
+            f"decayed the actor's learning rate by cosine over {total} (now {was:.3g}); from here it is "
+            f"constant at {args.actor_lr:g}, as in a run given an online phase from its start. "
+            "No uninterrupted run has this schedule"
+        )
+    now = optax.cosine_decay_schedule(args.actor_lr, args.total_steps)(step)
+    return (
+        f"--total-steps {args.total_steps} on a run started with {total}: the actor's cosine schedule "
+        f"now spans {args.total_steps} updates, so its learning rate at update {step} goes from {was:.3g} "
+        f"to {now:.3g}. No uninterrupted run has this schedule"
+    )
 
 
 def make_agent(args: Args, obs_dim: int, action_dim: int):
@@ -469,6 +493,9 @@ def train(args: Args) -> dict:
         ck = logger.load_checkpoint(states, keys)
         states, step, keys, phase = ck.state, ck.step, ck.rng, ck.phase
         print(f"resumed from {phase} step {step}", flush=True)
+        change = schedule_change(logger.checkpoint_config, args, step)
+        if change:
+            logger.note(change)
 
     @jax.jit
     def policy(actor_params, carry, obs, prev_reward, rng):  # obs: (num_seeds, episodes, obs_dim)

@@ -407,6 +407,9 @@ class RunLogger:
             self.resumed = read_run(self.run_dir)
             self.record = self.resumed.record
             self.check_fingerprint(meta)
+            # The flags the checkpoint was trained under (config.json already holds the new budget
+            # after a resume that was killed before its first checkpoint).
+            self.checkpoint_config = dict(self.record.get("config") or self.resumed.config)
             self.record.update(config=portable, total_steps=total_steps, online_steps=online_steps, finished=False)
             self.record["tier"] = tier_of(total_steps, online_steps, paper_steps)
         else:
@@ -487,6 +490,14 @@ class RunLogger:
         self.scalars(step, {f"train/{k}": np.mean(np.asarray(v)) for k, v in metrics.items()})
 
     # --- evaluations and the record ---
+    def note(self, text: str) -> None:
+        """One line a reader of this run must know (e.g. a resumed budget that changed a schedule):
+        printed, and kept in the record's "notes" (written with the next checkpoint)."""
+        print(f"note: {text}", flush=True)
+        notes = self.record.setdefault("notes", [])
+        if text not in notes:
+            notes.append(text)
+
     def evaluation(self, step: int, result: EvalResult, phase: str = "offline", extra: dict | None = None) -> dict:
         """Add an evaluation to the record (in memory: `save_checkpoint` writes it to disk); `extra`
         holds an algorithm's own JSON-ready diagnostics for this entry (e.g. FamO2O's beta spread)."""

@@ -3,6 +3,7 @@ on stderr, a non-zero exit and no folder; `--resume RUN_DIR` alone continues the
 config, refuses flags that differ, leaves a finished run unchanged, and a run killed with SIGKILL in
 its online phase resumes to the evaluations of an uninterrupted run."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -180,6 +181,25 @@ def test_resume_alone_continues_from_the_runs_config(finished_run, tmp_path):
     assert record["dataset"] == config["dataset"] == "test/pendulum/pd-v0" and config["hidden_dims"] == [32, 32]
     assert [e["step"] for e in record["evaluations"]] == [100, 200, 300] and record["total_steps"] == 300
     assert np.asarray(record["evaluations"][-1]["returns"]).shape == (2, 2) and record["finished"]
+    # Offline only: the actor's cosine schedule now spans 300 updates, and the run says so.
+    (note,) = record["notes"]
+    assert note.startswith("--total-steps 300 on a run started with 200") and f"note: {note}" in proc.stdout
+
+
+def test_a_budget_that_changes_the_actor_schedule_is_noted():
+    """Hand-computed cosine values at update 100 of a run started offline-only with 200 updates."""
+    args = iql.Args(actor_lr=4e-4, total_steps=200)
+    started = {"total_steps": 200, "online_steps": 0}
+    assert iql.schedule_change(started, args, 100) is None  # resumed with the same budget
+    longer = iql.schedule_change(started, dataclasses.replace(args, total_steps=300), 100)
+    assert "from 0.0002 to 0.0003" in longer  # 4e-4 (1 + cos(pi/2)) / 2, then 4e-4 (1 + cos(pi/3)) / 2
+    online = iql.schedule_change(started, dataclasses.replace(args, online_steps=50), 100)
+    assert "(now 0.0002)" in online and "constant at 0.0004" in online
+    # A run with an online phase has kept the rate constant from its start: nothing changes.
+    assert (
+        iql.schedule_change({"total_steps": 200, "online_steps": 10}, dataclasses.replace(args, online_steps=50), 100)
+        is None
+    )
 
 
 def test_garbage_checkpoint_and_config_refused(finished_run, tmp_path):

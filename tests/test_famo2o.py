@@ -223,6 +223,23 @@ def test_cli_smoke_then_finished_resume_changes_nothing(pendulum_dataset, tmp_pa
     assert snapshot(run_dir) == before
 
 
+def test_a_budget_that_changes_the_policy_schedule_is_noted():
+    """Hand-computed cosine values at update 100 of a run started offline-only with 200 updates."""
+    args = famo2o.Args(actor_lr=4e-4, total_steps=200, online_steps=0)
+    started = {"total_steps": 200, "online_steps": 0}
+    assert famo2o.schedule_change(started, args, 100) is None
+    longer = famo2o.schedule_change(started, dataclasses.replace(args, total_steps=300), 100)
+    assert "from 0.0002 to 0.0003" in longer  # 4e-4 (1 + cos(pi/2)) / 2, then 4e-4 (1 + cos(pi/3)) / 2
+    online = famo2o.schedule_change(started, dataclasses.replace(args, online_steps=50), 100)
+    assert "(now 0.0002)" in online and "constant at 0.0004" in online
+    assert (
+        famo2o.schedule_change(
+            {"total_steps": 200, "online_steps": 10}, dataclasses.replace(args, online_steps=50), 100
+        )
+        is None
+    )
+
+
 def test_cli_bad_beta_range_is_one_line_and_leaves_no_folder(tmp_path):
     proc = run_algorithm("famo2o", "--beta-min", "5", "--beta-max", "1", "--out-dir", tmp_path / "runs", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
