@@ -223,6 +223,7 @@ DOMAIN_PRESET = (0.1, "select")  # the script's base penalty_coef and aligned re
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # OfflineRL-Kit's TanhDiagGaussian sigma clamp
 HIDDEN_DECAYS, HEAD_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5), 1e-4  # official per-layer L2; deeper layers reuse the last
 DYNAMICS_FILE = "dynamics.msgpack"
+MODEL_PROGRESS_FILE = "dynamics_training.msgpack"  # the model's training loop, while it trains
 PAPER_STEPS = (3_000_000, 0)
 SWEEPABLE = ("penalty_coef", "discount", "tau", "target_entropy")  # the traced agent hyperparameters (Hyper)
 
@@ -464,8 +465,13 @@ def member_batches(boot, key, batch: int):
     return boot[:, rows].transpose(1, 0, 2)
 
 
-def train_dynamics(args: Args, data: Transitions, key, log=print) -> tuple[Dynamics, dict]:
-    """OfflineRL-Kit's training: a host loop over jitted epochs, stopped after 5 epochs without a 1% gain."""
+def train_dynamics(
+    args: Args, data: Transitions, key, log=print, progress: Path | None = None
+) -> tuple[Dynamics, dict]:
+    """OfflineRL-Kit's training: a host loop over jitted epochs, stopped after 5 epochs without a 1% gain.
+    With `progress`, the loop's state is written there after every epoch and a file already there is
+    continued from: a run killed while its model trains resumes at its last epoch, with the model an
+    uninterrupted training gives."""
     t0 = time.time()
     obs, next_obs = np.asarray(data.observations), np.asarray(data.next_observations)
     x = np.concatenate([obs, np.asarray(data.actions)], -1)
@@ -508,11 +514,23 @@ def train_dynamics(args: Args, data: Transitions, key, log=print) -> tuple[Dynam
         mean, _ = ensemble_apply(member, members, max_lv, min_lv, x_hold)  # bounds do not move the mean
         return ((y_hold - mean) ** 2).mean((1, 2))
 
-    best_mse, best_members, stale, stop = np.full(m, np.inf), members, 0, "max_epochs"
-    for i in range(args.model_max_epochs):
+    best_mse, best_members, stale, stop, done = np.full(m, np.inf), members, 0, "max_epochs", 0
+    if progress is not None and progress.exists():
+        try:
+            raw = serialization.msgpack_restore(progress.read_bytes())
+            done, stale, key = int(raw["epochs"]), int(raw["stale"]), jax.random.wrap_key_data(raw["key"])
+            trainable = serialization.from_state_dict(trainable, raw["trainable"])
+            opt_state = serialization.from_state_dict(opt_state, raw["opt_state"])
+            best_members = serialization.from_state_dict(best_members, raw["best_members"])
+            best_mse, t0 = np.asarray(raw["best_mse"]), t0 - float(raw["seconds"])
+        except Exception as e:
+            raise UserError(f"{progress}: not this run's model training ({type(e).__name__}); delete it to train "
+                            "the model from its start") from None  # fmt: skip
+        log(f"dynamics: continuing from epoch {done} ({progress.name})", flush=True)
+    for i in range(done, args.model_max_epochs):
         key, k_epoch = jax.random.split(key)
         trainable, opt_state, nll = epoch(trainable, opt_state, k_epoch)
-        mse = np.asarray(holdout_mse(trainable["members"]))
+        mse, done = np.asarray(holdout_mse(trainable["members"])), i + 1
         improved = mse < 0.99 * best_mse  # the official (best - mse) / best > 1%
         best_mse = np.where(improved, mse, best_mse)
         pick = lambda b, c, imp=improved: jnp.where(imp.reshape(-1, *[1] * (c.ndim - 1)), c, b)  # noqa: E731
@@ -524,12 +542,17 @@ def train_dynamics(args: Args, data: Transitions, key, log=print) -> tuple[Dynam
         if stale >= 5:
             stop = "early"
             break
+        if progress is not None:
+            loop = dict(epochs=done, stale=stale, key=jax.random.key_data(key), trainable=trainable,
+                        opt_state=opt_state, best_mse=best_mse, best_members=best_members,
+                        seconds=time.time() - t0)  # fmt: skip
+            atomic_write(progress, serialization.msgpack_serialize(serialization.to_state_dict(jax.device_get(loop))))
     elites = np.argsort(best_mse, kind="stable")[: args.num_elites]
     dynamics = Dynamics(best_members, trainable["max_logvar"], trainable["min_logvar"], jnp.float32(mean),
                         jnp.float32(std), jnp.asarray(elites, jnp.int32))  # fmt: skip
-    info = dict(epochs=i + 1, stopped=stop, holdout_mse=np.round(best_mse, 6).tolist(), elites=elites.tolist(),
+    info = dict(epochs=done, stopped=stop, holdout_mse=np.round(best_mse, 6).tolist(), elites=elites.tolist(),
                 holdout_rows=n_hold, train_seconds=round(time.time() - t0, 1))  # fmt: skip
-    log(f"dynamics: {i + 1} epochs ({stop}), elites {elites.tolist()}, holdout MSE "
+    log(f"dynamics: {done} epochs ({stop}), elites {elites.tolist()}, holdout MSE "
         f"{np.round(best_mse[elites], 5).tolist()}", flush=True)  # fmt: skip
     return dynamics, info
 
@@ -1019,20 +1042,25 @@ def train(args: Args) -> dict:
             "(--actor-lr-decay-steps); the updates after it train the critics and alpha only",
             flush=True,
         )
-    path = logger.run_dir / DYNAMICS_FILE
-    if logger.resumed:
+    path, progress = logger.run_dir / DYNAMICS_FILE, logger.run_dir / MODEL_PROGRESS_FILE
+    # A run resumed before its model was saved (killed while it trained) trains it on from there.
+    trained = path.exists() or args.eval_only or "dynamics" in logger.record
+    if logger.resumed and trained:
         dynamics, rm, info = load_model(path, template, "--resume")
     elif loaded is None:
+        if not logger.resumed:  # a checkpoint at step 0: the run can be resumed while its model trains
+            logger.save_checkpoint(states, 0, keys, "offline", online=buffers)
         k_dyn, k_rew = jax.random.split(jax.random.fold_in(jax.random.key(args.dynamics_seed), MODEL_STREAM))
-        dynamics, info = train_dynamics(args, offline, k_dyn)
+        dynamics, info = train_dynamics(args, offline, k_dyn, progress=progress)
         rm, info["reward"] = train_dynamics_reward(args, offline, dynamics, k_rew)
         info.update(dataset=meta.dataset_id, dataset_fingerprint=meta.fingerprint, source="trained",
                     dynamics_seed=args.dynamics_seed)  # fmt: skip
     else:
         dynamics, rm, info = loaded
         info["source"] = str(dynamics_file(args.dynamics_path))
-    if not logger.resumed:
+    if not (logger.resumed and trained):
         save_model(path, dynamics, rm, info)
+        progress.unlink(missing_ok=True)
         logger.record["dynamics"] = info
         logger.record["presets"] = {"penalty_coef": args.penalty_coef, "filter": args.filter,
                                     "source": "generate_tmuxp_morec_mopo.py"

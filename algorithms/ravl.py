@@ -171,6 +171,7 @@ DATASET_PRESETS: dict[tuple[str, str], dict] = {}
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # EDAC's clip of the actor's log-std
 HIDDEN_DECAYS, HEAD_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5), 1e-4  # official per-layer L2; deeper layers reuse the last
 DYNAMICS_FILE = "dynamics.msgpack"
+MODEL_PROGRESS_FILE = "dynamics_training.msgpack"  # the model's training loop, while it trains
 PAPER_STEPS = (3_000_000, 0)
 SWEEPABLE = ("eta", "discount", "tau", "target_entropy")  # the traced agent hyperparameters (Hyper)
 
@@ -448,8 +449,13 @@ def dynamics_inputs(data: Transitions):
     return x, np.concatenate([next_obs - obs, np.asarray(data.rewards)[:, None]], -1)
 
 
-def train_dynamics(args: Args, data: Transitions, key, log=print) -> tuple[Dynamics, dict]:
-    """The official training: host loop over jitted epochs with its early-stopping rule."""
+def train_dynamics(
+    args: Args, data: Transitions, key, log=print, progress: Path | None = None
+) -> tuple[Dynamics, dict]:
+    """The official training: host loop over jitted epochs with its early-stopping rule. With
+    `progress`, the loop's state is written there after every epoch and a file already there is
+    continued from: a run killed while its model trains resumes at its last epoch, with the model an
+    uninterrupted training gives."""
     t0 = time.time()
     x, y = dynamics_inputs(data)
     mean, std = x.mean(0), x.std(0)
@@ -485,12 +491,33 @@ def train_dynamics(args: Args, data: Transitions, key, log=print) -> tuple[Dynam
         history.append(bool(improved.any()))
         return mse
 
-    check(trainable)
-    lowered_at, stop = None, "max_epochs"
-    for i in range(args.model_max_epochs):
+    def save(done: int) -> None:
+        loop = dict(epochs=done, key=jax.random.key_data(key), trainable=trainable, opt_state=opt_state,
+                    best_mse=best_mse, best_members=best_members, history=np.asarray(history, np.int8),
+                    lowered_at=-1 if lowered_at is None else lowered_at, seconds=time.time() - t0)  # fmt: skip
+        atomic_write(progress, serialization.msgpack_serialize(serialization.to_state_dict(jax.device_get(loop))))
+
+    lowered_at, stop, done = None, "max_epochs", 0
+    if progress is not None and progress.exists():
+        try:
+            raw = serialization.msgpack_restore(progress.read_bytes())
+            done, key, lowered_at = int(raw["epochs"]), jax.random.wrap_key_data(raw["key"]), int(raw["lowered_at"])
+            trainable = serialization.from_state_dict(trainable, raw["trainable"])
+            opt_state = serialization.from_state_dict(opt_state, raw["opt_state"])
+            best_members = serialization.from_state_dict(best_members, raw["best_members"])
+            best_mse, t0 = np.asarray(raw["best_mse"]), t0 - float(raw["seconds"])
+        except Exception as e:
+            raise UserError(f"{progress}: not this run's model training ({type(e).__name__}); delete it to train "
+                            "the model from its start") from None  # fmt: skip
+        lowered_at = None if lowered_at < 0 else lowered_at
+        history.extend(bool(h) for h in np.asarray(raw["history"]))
+        log(f"dynamics: continuing from epoch {done} ({progress.name})", flush=True)
+    else:
+        check(trainable)
+    for i in range(done, args.model_max_epochs):
         key, k_epoch = jax.random.split(key)
         trainable, opt_state, nll = epoch(trainable, opt_state, k_epoch, x_train, y_train, boot)
-        mse = check(trainable)
+        mse, done = check(trainable), i + 1
         if i % 25 == 0 or i + 1 == args.model_max_epochs:
             log(f"dynamics epoch {i + 1}: train NLL {float(nll):.4f}, holdout MSE {[round(float(v), 5) for v in mse]} "
                 f"({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
@@ -503,12 +530,14 @@ def train_dynamics(args: Args, data: Transitions, key, log=print) -> tuple[Dynam
                 lowered_at = i + 1
                 history.clear()
                 history.append(True)
+        if progress is not None:
+            save(done)
     elites = np.argsort(best_mse, kind="stable")[: args.num_elites]
     dynamics = Dynamics(best_members, trainable["max_logvar"], trainable["min_logvar"], jnp.float32(mean),
                         jnp.float32(std), jnp.asarray(elites, jnp.int32))  # fmt: skip
-    info = dict(epochs=i + 1, stopped=stop, lr_lowered_at_epoch=lowered_at, holdout_mse=np.round(best_mse, 6).tolist(),
+    info = dict(epochs=done, stopped=stop, lr_lowered_at_epoch=lowered_at, holdout_mse=np.round(best_mse, 6).tolist(),
                 elites=elites.tolist(), holdout_rows=n_hold, train_seconds=round(time.time() - t0, 1))  # fmt: skip
-    log(f"dynamics: {i + 1} epochs ({stop}), elites {elites.tolist()}, holdout MSE "
+    log(f"dynamics: {info['epochs']} epochs ({stop}), elites {elites.tolist()}, holdout MSE "
         f"{[round(float(v), 5) for v in best_mse[elites]]}", flush=True)  # fmt: skip
     return dynamics, info
 
@@ -900,19 +929,23 @@ def train(args: Args) -> dict:
     if args.true_dynamics and not logger.resumed:
         logger.record["dynamics"] = {"source": "simulator"}
     elif not args.true_dynamics:
-        path = logger.run_dir / DYNAMICS_FILE
-        if logger.resumed:
+        path, progress = logger.run_dir / DYNAMICS_FILE, logger.run_dir / MODEL_PROGRESS_FILE
+        # A run resumed before its model was saved (killed while it trained) trains it on from there.
+        if logger.resumed and (path.exists() or args.eval_only or "dynamics" in logger.record):
             dynamics, info = load_dynamics(path, template, "--resume")
         else:
             if dynamics is None:
+                if not logger.resumed:  # a checkpoint at step 0: the run can be resumed while its model trains
+                    logger.save_checkpoint(states, 0, keys, "offline", online=buffers)
                 model_key = jax.random.fold_in(jax.random.key(args.dynamics_seed), MODEL_STREAM)
-                dynamics, info = train_dynamics(args, offline, model_key)
+                dynamics, info = train_dynamics(args, offline, model_key, progress=progress)
                 info.update(dataset=meta.dataset_id, dataset_fingerprint=meta.fingerprint, source="trained")
                 info.update(obs_dim=meta.obs_dim, action_dim=meta.action_dim, num_models=args.num_models,
                             hidden_dims=list(args.model_hidden_dims), dynamics_seed=args.dynamics_seed)  # fmt: skip
             else:
                 info["source"] = str(dynamics_file(args.dynamics_path))
             save_dynamics(path, dynamics, info)
+            progress.unlink(missing_ok=True)
             logger.record["dynamics"] = info
     offline, dynamics = replicate(offline), replicate(dynamics)  # shared by every member (and device)
     step = 0

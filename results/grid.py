@@ -12,7 +12,8 @@ the dataset is built here, its current fingerprint) is skipped; a finished run i
 unfinished one continues with `--resume`; otherwise the run starts, building its dataset on first
 use. `--max-minutes` ends the command at that wall time: the running cell is stopped (SIGTERM, then
 SIGKILL) and continues from its last checkpoint at the next command, so every command must last
-longer than a cell needs to reach its first checkpoint (one evaluation interval). Each finished run's
+longer than a cell needs to reach its first checkpoint (one evaluation interval; RAVL and MOREC also
+checkpoint each epoch of their dynamics model). Each finished run's
 record is filed with `results/tables.py`'s `add`, and the tables are regenerated.
 
 Tiers (never mixed in a table): `paper`, each paper's budget with 5 seeds; `short`, the CPU budgets

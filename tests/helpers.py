@@ -44,3 +44,19 @@ def assert_policy_reloads(run_dir: Path) -> None:
     result = loaded.evaluate()
     assert np.round(result.returns, 3).tolist() == last["returns"]
     assert result.lengths.tolist() == last["lengths"]
+
+
+def die_after_writes(monkeypatch, module, name: str, writes: int) -> None:
+    """Make `module`'s atomic_write raise KeyboardInterrupt (a kill) right after its `writes`-th
+    write of a file called `name`: a run stopped at a known point, in-process."""
+    real, count = module.atomic_write, []
+
+    def dying(path, data):
+        real(path, data)
+        if Path(path).name == name:
+            count.append(path)
+            if len(count) == writes:
+                monkeypatch.setattr(module, "atomic_write", real)
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "atomic_write", dying)

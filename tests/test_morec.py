@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
-from helpers import assert_policy_reloads, only_run_dir, run_algorithm
+from helpers import assert_policy_reloads, die_after_writes, only_run_dir, run_algorithm
 
 from common.data import UserError, load_dataset
 
@@ -240,6 +240,27 @@ def test_resume_equals_uninterrupted_run_on_a_reused_model(pendulum_dataset, tmp
     with pytest.raises(UserError, match="does not fit this run"):
         morec.train(tiny_args(pendulum_dataset, tmp_path / "other", reward_hidden_dims=(16,), dynamics_path=str(model)))
     assert not (tmp_path / "other").exists()
+
+
+def test_killed_while_its_model_trains_resumes_to_the_uninterrupted_run(pendulum_dataset, tmp_path, monkeypatch):
+    """A fresh run checkpoints at step 0 and saves its model's training loop after every epoch; killed
+    after the second of 3 epochs, --resume trains the third (then the dynamics reward) and ends as the
+    uninterrupted run."""
+    ref = morec.train(tiny_args(pendulum_dataset, tmp_path / "ref", total_steps=100))
+    die_after_writes(monkeypatch, morec, morec.MODEL_PROGRESS_FILE, 2)
+    with pytest.raises(KeyboardInterrupt):
+        morec.train(tiny_args(pendulum_dataset, tmp_path / "cut", total_steps=100))
+    run_dir = only_run_dir(tmp_path / "cut", "morec")
+    assert json.loads((run_dir / "record.json").read_text())["evaluations"] == []  # resumable from step 0
+    assert (run_dir / morec.MODEL_PROGRESS_FILE).exists() and not (run_dir / morec.DYNAMICS_FILE).exists()
+    resumed = morec.train(tiny_args(pendulum_dataset, tmp_path / "cut", total_steps=100, resume=str(run_dir)))
+    strip = lambda r: [(e["step"], e["returns"], e["model_buffer"], e.get("rollouts")) for e in r["evaluations"]]  # noqa: E731
+    assert strip(resumed) == strip(ref) and len(ref["evaluations"]) == 2
+    for key in ("epochs", "holdout_mse", "elites"):
+        assert resumed["dynamics"][key] == ref["dynamics"][key]
+    untimed = lambda info: {k: v for k, v in info.items() if k != "train_seconds"}  # noqa: E731
+    assert untimed(resumed["dynamics"]["reward"]) == untimed(ref["dynamics"]["reward"])
+    assert not (run_dir / morec.MODEL_PROGRESS_FILE).exists()
 
 
 def test_a_sweep_point_equals_the_plain_run_with_its_value(pendulum_dataset, tmp_path):

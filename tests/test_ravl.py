@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
-from helpers import assert_policy_reloads, only_run_dir, run_algorithm
+from helpers import assert_policy_reloads, die_after_writes, only_run_dir, run_algorithm
 
 from common.data import UserError
 
@@ -294,6 +294,25 @@ def test_resume_equals_uninterrupted_run_on_a_reused_model(pendulum_dataset, tmp
             tiny_args(pendulum_dataset, tmp_path / "other", model_hidden_dims=(16, 16), dynamics_path=str(model))
         )
     assert not (tmp_path / "other").exists()
+
+
+def test_killed_while_its_model_trains_resumes_to_the_uninterrupted_run(pendulum_dataset, tmp_path, monkeypatch):
+    """A fresh run checkpoints at step 0 and saves its model's training loop after every epoch; killed
+    after the second of 3 epochs, --resume trains the third and ends as the uninterrupted run."""
+    flags = dict(total_steps=50, **SCHEDULE)
+    ref = ravl.train(tiny_args(pendulum_dataset, tmp_path / "ref", **flags))
+    die_after_writes(monkeypatch, ravl, ravl.MODEL_PROGRESS_FILE, 2)
+    with pytest.raises(KeyboardInterrupt):
+        ravl.train(tiny_args(pendulum_dataset, tmp_path / "cut", **flags))
+    run_dir = only_run_dir(tmp_path / "cut", "ravl")
+    assert json.loads((run_dir / "record.json").read_text())["evaluations"] == []  # resumable from step 0
+    assert (run_dir / ravl.MODEL_PROGRESS_FILE).exists() and not (run_dir / ravl.DYNAMICS_FILE).exists()
+    resumed = ravl.train(tiny_args(pendulum_dataset, tmp_path / "cut", **flags, resume=str(run_dir)))
+    strip = lambda r: [(e["step"], e["returns"], e["model_buffer"]) for e in r["evaluations"]]  # noqa: E731
+    assert strip(resumed) == strip(ref) and len(ref["evaluations"]) == 2
+    for key in ("epochs", "holdout_mse", "elites"):
+        assert resumed["dynamics"][key] == ref["dynamics"][key]
+    assert not (run_dir / ravl.MODEL_PROGRESS_FILE).exists()
 
 
 def test_bad_dynamics_path_is_one_line_and_leaves_no_folder(pendulum_dataset, tmp_path):
