@@ -527,6 +527,7 @@ def train_dynamics(
             raise UserError(f"{progress}: not this run's model training ({type(e).__name__}); delete it to train "
                             "the model from its start") from None  # fmt: skip
         log(f"dynamics: continuing from epoch {done} ({progress.name})", flush=True)
+    logged = time.time()
     for i in range(done, args.model_max_epochs):
         key, k_epoch = jax.random.split(key)
         trainable, opt_state, nll = epoch(trainable, opt_state, k_epoch)
@@ -536,7 +537,8 @@ def train_dynamics(
         pick = lambda b, c, imp=improved: jnp.where(imp.reshape(-1, *[1] * (c.ndim - 1)), c, b)  # noqa: E731
         best_members = jax.tree_util.tree_map(pick, best_members, trainable["members"])
         stale = 0 if improved.any() else stale + 1
-        if i % 25 == 0:
+        if i % 25 == 0 or time.time() - logged >= 60:  # a line a minute at least: epochs can take a minute
+            logged = time.time()
             log(f"dynamics epoch {i + 1}: train NLL {float(nll):.4f}, holdout MSE {np.round(mse, 5).tolist()} "
                 f"({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
         if stale >= 5:

@@ -514,11 +514,13 @@ def train_dynamics(
         log(f"dynamics: continuing from epoch {done} ({progress.name})", flush=True)
     else:
         check(trainable)
+    logged = time.time()
     for i in range(done, args.model_max_epochs):
         key, k_epoch = jax.random.split(key)
         trainable, opt_state, nll = epoch(trainable, opt_state, k_epoch, x_train, y_train, boot)
         mse, done = check(trainable), i + 1
-        if i % 25 == 0 or i + 1 == args.model_max_epochs:
+        if i % 25 == 0 or i + 1 == args.model_max_epochs or time.time() - logged >= 60:  # epochs can take a minute
+            logged = time.time()
             log(f"dynamics epoch {i + 1}: train NLL {float(nll):.4f}, holdout MSE {[round(float(v), 5) for v in mse]} "
                 f"({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
         if len(history) == 6 and not any(list(history)[1:]):  # no member improved for 5 epochs
