@@ -539,7 +539,7 @@ def train_dynamics(
         stale = 0 if improved.any() else stale + 1
         if i % 25 == 0 or time.time() - logged >= 60:  # a line a minute at least: epochs can take a minute
             logged = time.time()
-            log(f"dynamics epoch {i + 1}: train NLL {float(nll):.4f}, holdout MSE {np.round(mse, 5).tolist()} "
+            log(f"dynamics epoch {i + 1}: train NLL {float(nll):.4f}, holdout MSE {[round(float(v), 5) for v in mse]} "
                 f"({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
         if stale >= 5:
             stop = "early"
