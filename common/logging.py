@@ -400,6 +400,7 @@ class RunLogger:
             self.run_dir = Path(args.eval_only)
             self.resumed = read_run(self.run_dir, "--eval-only")
             self.record = self.resumed.record
+            self.checkpoint_config = dict(self.record.get("config") or self.resumed.config)
             self.check_fingerprint(meta)
             return
         if getattr(args, "resume", None):
