@@ -67,7 +67,7 @@ DEFAULT_STEPS = {"random": 1_000_000, "medium": 1_000_000, "expert": 1_000_000}
 # D4RL's medium-replay sizes (transitions) per robot.
 REPLAY_STEPS = {"halfcheetah": 202_000, "hopper": 402_000, "walker2d": 302_000}
 NUM_WORKERS = 2  # fixed, not os.cpu_count(): the chunking must not depend on the machine
-CHUNK_EPISODES = 16  # episodes run side by side in one worker call
+MAX_CHUNK_EPISODES = 16  # episodes run side by side in one worker call, at most
 LEVEL_STREAM = {"random": 0, "medium": 1, "expert": 2}  # seeds differ per level; replay uses 100 + k
 
 
@@ -115,6 +115,13 @@ def code_version() -> str:
 # --- collection -------------------------------------------------------------------------------
 
 
+def chunk_episodes(num_steps: int) -> int:
+    """Episodes per worker call: up to 16 side by side (one batched policy call per step), fewer for
+    a small build, which would otherwise wait for 16 full-length episodes per worker to collect a
+    few thousand steps. Episodes do not depend on how they are chunked (see collect.py)."""
+    return int(np.clip(num_steps // (1000 * NUM_WORKERS), 1, MAX_CHUNK_EPISODES))
+
+
 def collect(pool, env_id: str, policy: str, num_steps: int, seed: int, stream: int, pbar=None) -> list[dict]:
     """Episodes of one policy, in index order, until they hold at least `num_steps` transitions.
     `policy` names one of the policies the pool's workers were given (see `level_policies`): a task
@@ -122,9 +129,10 @@ def collect(pool, env_id: str, policy: str, num_steps: int, seed: int, stream: i
     from collect import run_chunk
 
     episodes, total, next_chunk, pending = [], 0, 0, []
+    size = chunk_episodes(num_steps)
     while total < num_steps:
         while len(pending) < 2 * NUM_WORKERS:
-            idx = list(range(next_chunk * CHUNK_EPISODES, (next_chunk + 1) * CHUNK_EPISODES))
+            idx = list(range(next_chunk * size, (next_chunk + 1) * size))
             pending.append(pool.apply_async(run_chunk, ((env_id, policy, seed, stream, idx, True),)))
             next_chunk += 1
         for ep in pending.pop(0).get():

@@ -88,6 +88,22 @@ def test_small_build_matches_the_committed_fingerprint(make_module, tmp_path, mo
     assert summary(SMALL_ID) == FINGERPRINT_3000
 
 
+def test_episodes_do_not_depend_on_how_they_are_chunked(make_module):
+    """make.py sizes chunks by the build's step count: episode i is the same in any chunk."""
+    from collect import run_chunk
+    from policy import load_params, policy_path
+
+    params = load_params(policy_path("hopper", "medium"))
+    task = lambda idx: ("Hopper-v5", params, 0, 1, idx, True)  # noqa: E731
+    together = run_chunk(task([0, 1, 2]))
+    apart = run_chunk(task([0])) + run_chunk(task([1, 2]))
+    assert [len(ep["rewards"]) for ep in together] == [len(ep["rewards"]) for ep in apart]
+    for a, b in zip(together, apart):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert [make_module.chunk_episodes(n) for n in (3_000, 10_000, 1_000_000)] == [1, 5, 16]
+
+
 @x86_only
 def test_small_build_is_the_same_with_cpu_dispatch_forced(tmp_path, monkeypatch):
     """numpy at its SSE4.2 baseline and OpenBLAS's Prescott kernel at once, in a real CLI build."""
