@@ -576,9 +576,10 @@ def phase_costs(record: dict) -> dict:
     update_s = sum(t["updates"] / t["updates_per_s"] for t in timing if t["updates"])
     env = [e["train_env_steps_per_s"] for e in record["evaluations"] if "train_env_steps_per_s" in e]
     per_s = lambda n, s: round(n / s, 1) if s > 0 else None  # noqa: E731
+    loaded = dynamics.get("source") not in (None, "trained", "simulator")  # --dynamics-path: another run's
     return {
-        "model_training_s": dynamics.get("train_seconds"),
-        "reward_training_s": dynamics.get("reward", {}).get("train_seconds"),
+        "model_training_s": "loaded" if loaded else dynamics.get("train_seconds"),
+        "reward_training_s": "loaded" if loaded else dynamics.get("reward", {}).get("train_seconds"),
         "rollout_round_s": round(rollout_s / rounds, 2) if rounds else None,
         "model_steps_per_s": per_s(steps, rollout_s),
         "kept_transitions_per_s": per_s(kept, rollout_s),

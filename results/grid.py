@@ -13,7 +13,8 @@ unfinished one continues with `--resume`; otherwise the run starts, building its
 use. `--max-minutes` ends the command at that wall time: the running cell is stopped (SIGTERM, then
 SIGKILL) and continues from its last checkpoint at the next command, so every command must last
 longer than a cell needs to reach its first checkpoint (one evaluation interval; RAVL and MOREC also
-checkpoint each epoch of their dynamics model). Each finished run's
+checkpoint each epoch of their dynamics model). A `mopo` cell starts on the `morec` cell's saved model
+(`--dynamics-path`) where that cell's run here has one: the same model, not trained twice. Each finished run's
 record is filed with `results/tables.py`'s `add`, and the tables are regenerated.
 
 Tiers (never mixed in a table): `paper`, each paper's budget with 5 seeds; `short`, the CPU budgets
@@ -293,16 +294,40 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+# A cell that runs on another cell's trained model (same dataset, tier and model flags) where that
+# cell's run on this machine has saved it: MOPO on MOREC's dynamics model and dynamics reward, trained
+# once instead of twice. The model's random keys come from --dynamics-seed alone, so the run is the
+# one a model of its own would give on this machine (the same model; results/findings.md).
+SHARES_MODEL = {"mopo": ("morec", "dynamics.msgpack")}
+
+
+def shared_model(cell: Cell, runs: Path) -> Path | None:
+    """The saved model of the newest run of the cell this one shares a model with, if any."""
+    if cell.name not in SHARES_MODEL:
+        return None
+    source, filename = SHARES_MODEL[cell.name]
+    (twin,) = cells_of(cell.tier, [cell.dataset], [source])
+    saved = [d / filename for d in run_dirs(twin, runs) if (d / filename).is_file()]
+    return saved[-1] if saved else None
+
+
+def command(cell: Cell, runs: Path) -> list[str]:
+    """The cell's command: its newest run continued, or a new one (on a shared model where saved)."""
+    script = f"algorithms/{cell.algo}.py"
+    dirs = run_dirs(cell, runs)
+    if dirs:
+        return [sys.executable, script, "--resume", relative(dirs[-1])]
+    model = shared_model(cell, runs)
+    reuse = ["--dynamics-path", relative(model)] if model else []
+    out = relative(cell.out_dir(runs))
+    return [sys.executable, script, "--dataset", cell.dataset, *cell.flags, *reuse, "--out-dir", out]
+
+
 def run_cell(cell: Cell, runs: Path, deadline: float | None) -> tuple[Path | None, str]:
     """Run or continue one cell until it finishes or the deadline passes: (run dir, outcome)."""
-    dirs = run_dirs(cell, runs)
     out = cell.out_dir(runs)
     out.mkdir(parents=True, exist_ok=True)
-    script = f"algorithms/{cell.algo}.py"
-    if dirs:
-        cmd = [sys.executable, script, "--resume", relative(dirs[-1])]
-    else:
-        cmd = [sys.executable, script, "--dataset", cell.dataset, *cell.flags, "--out-dir", relative(out)]
+    cmd = command(cell, runs)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(out / "grid.log", "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd[1:])}\n")

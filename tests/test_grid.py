@@ -61,6 +61,39 @@ def test_a_record_of_older_code_leaves_its_cell_to_be_run_again(tmp_path):
     assert grid.filed(cell, tmp_path, fingerprints) == path
 
 
+def test_mopo_starts_on_the_model_morecs_run_saved(tmp_path):
+    """The mopo cell's new run loads the morec cell's saved model (the same flags train the same model:
+    test_morec's reused-model test ends where the run that trained it does); its own run resumes."""
+    import benchmark
+
+    runs = tmp_path / "runs"
+    cells = {c.name: c for c in grid.cells_of("short", ["local/hopper/medium-v0"], ["morec", "mopo"])}
+    config = {"total_steps": 50000, "num_seeds": 2, "model_max_epochs": 30, "rollouts_per_epoch": 200,
+              "reward_iterations": 100, "snapshot_interval": 5}  # fmt: skip
+
+    def run_dir(cell, name, no_filter):
+        path = cell.out_dir(runs) / "morec" / name
+        path.mkdir(parents=True)
+        record = {"algorithm": "morec", "dataset": cell.dataset, "config": {**config, "no_filter": no_filter}}
+        (path / "record.json").write_text(json.dumps(record))
+        return path
+
+    morec = run_dir(cells["morec"], "run-1", False)
+    fresh = grid.command(cells["mopo"], runs)
+    assert "--dynamics-path" not in fresh and "--no-filter" in fresh  # the model is not saved yet
+    (morec / "dynamics.msgpack").write_bytes(b"model")
+    cmd = grid.command(cells["mopo"], runs)
+    assert cmd == [*fresh[:-2], "--dynamics-path", str(morec / "dynamics.msgpack"), *fresh[-2:]]  # then --out-dir
+    assert "--dynamics-path" not in grid.command(cells["morec"], runs)  # morec itself resumes its own run
+    mopo = run_dir(cells["mopo"], "run-2", True)
+    assert grid.command(cells["mopo"], runs)[2:] == ["--resume", str(mopo)]
+    # The throughput table does not count the loaded model's training for the run that loaded it.
+    timed = {"train_seconds": 900.0, "reward": {"train_seconds": 50.0}}
+    record = {"evaluations": [], "dynamics": {**timed, "source": str(morec / "dynamics.msgpack")}}
+    assert benchmark.phase_costs(record)["model_training_s"] == "loaded"
+    assert benchmark.phase_costs({**record, "dynamics": {**timed, "source": "trained"}})["model_training_s"] == 900.0
+
+
 def evaluations(records: Path) -> dict:
     out = {}
     for path in sorted(records.rglob("*.json")):
