@@ -306,8 +306,8 @@ def shared_model(cell: Cell, runs: Path) -> Path | None:
     if cell.name not in SHARES_MODEL:
         return None
     source, filename = SHARES_MODEL[cell.name]
-    (twin,) = cells_of(cell.tier, [cell.dataset], [source])
-    saved = [d / filename for d in run_dirs(twin, runs) if (d / filename).is_file()]
+    twins = cells_of(cell.tier, [cell.dataset], [source])  # none where the tier has no such cell
+    saved = [d / filename for twin in twins for d in run_dirs(twin, runs) if (d / filename).is_file()]
     return saved[-1] if saved else None
 
 
