@@ -49,6 +49,22 @@ def worker_init(parent_pid: int, policies: dict[str, dict] | None = None, stop=N
     if os.getppid() != parent_pid:
         os._exit(1)
     threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
+    import_renderer_quietly()
+
+
+def import_renderer_quietly() -> None:
+    """Import gymnasium's MuJoCo renderer (the first `gym.make` of a MuJoCo env would) with this
+    process's stderr on /dev/null. Its `import glfw` probes each GLFW library in a `python -c`
+    child that inherits stderr; a worker terminated mid-probe (a build interrupted as it starts)
+    orphans that child, which then prints a BrokenPipeError traceback under the build's one line."""
+    devnull, saved = os.open(os.devnull, os.O_WRONLY), os.dup(2)
+    try:
+        os.dup2(devnull, 2)
+        import gymnasium.envs.mujoco.mujoco_rendering  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def episode_seeds(seed: int, stream: int, index: int) -> tuple[int, np.random.Generator]:

@@ -192,16 +192,22 @@ def write_locomotion(dataset_id: str, robot: str, level: str, num_steps: int, se
     # Every policy of the level goes to each worker once, at its start (spawn's start-up pipe).
     policies = {name: load_params(path) for name, path in level_policies(robot, level).items()}
     stop = ctx.Event()
-    with (
-        ctx.Pool(NUM_WORKERS, initializer=worker_init, initargs=(os.getpid(), policies, stop)) as pool,
-        tqdm(total=num_steps, desc=f"collecting {dataset_id}", unit="step", mininterval=2.0) as pbar,
-    ):
-        episodes = collect_level(pool, robot, level, num_steps, seed, pbar)
-        # Done: queued chunks return at once, running ones finish, and the workers exit on their
-        # own. Only an error or a signal leaves the pool to `with`'s terminate.
-        stop.set()
-        pool.close()
-        pool.join()
+    pool = None
+    try:
+        # A signal waits until the pool has started: Pool() stops the workers it started after an
+        # Exception only, and one left starting would fail once this process is gone (a traceback).
+        with signals_deferred():
+            pool = ctx.Pool(NUM_WORKERS, initializer=worker_init, initargs=(os.getpid(), policies, stop))
+        with tqdm(total=num_steps, desc=f"collecting {dataset_id}", unit="step", mininterval=2.0) as pbar:
+            episodes = collect_level(pool, robot, level, num_steps, seed, pbar)
+            # Done: queued chunks return at once, running ones finish, and the workers exit on their
+            # own. Only an error or a signal leaves the pool to the terminate below.
+            stop.set()
+            pool.close()
+            pool.join()
+    finally:
+        if pool is not None:
+            pool.terminate()
     buffers = [
         EpisodeBuffer(
             id=i,
@@ -327,12 +333,21 @@ class BuildInterrupted(SystemExit):
     """SIGTERM during a build (exit status 128 + 15)."""
 
 
+# Under `interruptible`, inside `signals_deferred`: the signal that came, raised when the section ends.
+_DEFERRAL = {"depth": 0, "pending": None}
+
+
+def interrupt(signum: int) -> BaseException:
+    return BuildInterrupted(128 + signal.SIGTERM) if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """For the build's duration, SIGTERM raises BuildInterrupted and SIGINT KeyboardInterrupt in
-    the main thread, so the pool's workers are terminated and the staging folder removed on the way
-    out. A second signal takes the default action (the process dies at once; the next build removes
-    what it left). Previous handlers come back afterwards. Outside the main thread: nothing changes."""
+    the main thread (at the end of a `signals_deferred` section when inside one), so the pool's
+    workers are terminated and the staging folder removed on the way out. A second signal takes the
+    default action (the process dies at once; the next build removes what it left). Previous
+    handlers come back afterwards. Outside the main thread: nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -344,29 +359,34 @@ def interruptible() -> Iterator[None]:
             os.kill(os.getpid(), signum)
             return
         fired.append(signum)
-        if signum == signal.SIGTERM:
-            raise BuildInterrupted(128 + signal.SIGTERM)
-        raise KeyboardInterrupt
+        if _DEFERRAL["depth"]:
+            _DEFERRAL["pending"] = signum
+            return
+        raise interrupt(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
+        _DEFERRAL["pending"] = None
         for sig, old in previous.items():
             signal.signal(sig, old)
 
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Block SIGTERM and SIGINT (delivered right after) while the finished dataset is moved in."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    """SIGTERM and SIGINT wait until the section has run (moving the finished dataset in, starting
+    the pool). A handler's flag, not a signal mask: the process's other threads (BLAS, the pool's)
+    would take a signal the main thread blocks, and Python runs its handler in the main thread
+    all the same."""
+    _DEFERRAL["depth"] += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _DEFERRAL["depth"] -= 1
+    if not _DEFERRAL["depth"] and _DEFERRAL["pending"] is not None:
+        signum, _DEFERRAL["pending"] = _DEFERRAL["pending"], None
+        raise interrupt(signum)
 
 
 def _publish(root: Path, staging: Path, dataset_id: str, force: bool) -> Path:

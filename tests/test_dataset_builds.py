@@ -292,6 +292,30 @@ def test_a_killed_build_removes_staging_and_stops_the_workers(make_module, tmp_p
     assert not [w for w in workers if running(w)]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_signal_in_a_deferred_section_is_raised_when_the_section_ends(make_module):
+    """Moving the dataset in and starting the pool run whole: a signal waits for the section's end,
+    even when another thread of the process takes it (a signal mask on the main thread did not)."""
+    import threading
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)  # a thread that could take the signal
+    other.start()
+    ran = []
+    try:
+        with pytest.raises(KeyboardInterrupt), make_module.interruptible():
+            with make_module.signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(50):  # Python runs the handler between these bytecodes
+                    time.sleep(0.01)
+                ran.append("whole section")
+            ran.append("after the section")
+    finally:
+        stop.set()
+        other.join()
+    assert ran == ["whole section"]
+
+
 def test_two_concurrent_builds_both_succeed(tmp_path, monkeypatch):
     root = tmp_path / "root"
     dataset_id = "local/hopper/random-v0"

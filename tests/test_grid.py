@@ -108,15 +108,16 @@ def evaluations(records: Path) -> dict:
 def test_interrupted_grid_ends_with_the_records_of_one_uninterrupted_command(pendulum_dataset, tmp_path, capsys):
     cells = ["--tier", "tiny", "--datasets", pendulum_dataset, "--algorithms", "iql_o2o"]
     assert grid.main([*cells, "--runs", str(tmp_path / "a"), "--records", str(tmp_path / "ra")]) == 0
+    stopped = [*cells, "--runs", str(tmp_path / "b"), "--records", str(tmp_path / "rb")]
     commands = 0
-    while True:  # 9 s per command (the cell takes 15-30 s): each stops the run the next continues
+    while True:  # each command stops the run the next continues: 9 s for the first, 40% more for each next
+        # (a command spends about 6 s starting the run; a fixed limit under load would never end)
+        minutes = 0.15 * 1.4**commands
         commands += 1
-        rc = grid.main(
-            [*cells, "--runs", str(tmp_path / "b"), "--records", str(tmp_path / "rb"), "--max-minutes", "0.15"]
-        )
+        rc = grid.main([*stopped, "--max-minutes", f"{minutes:.3f}"])
         if rc == 0:
             break
-        assert rc == 3 and commands < 40, capsys.readouterr().out
+        assert rc == 3 and commands < 15, capsys.readouterr().out
     out = capsys.readouterr().out
     assert commands >= 2 and "stopped at the time limit" in out
     uninterrupted, continued = evaluations(tmp_path / "ra"), evaluations(tmp_path / "rb")
@@ -124,7 +125,7 @@ def test_interrupted_grid_ends_with_the_records_of_one_uninterrupted_command(pen
     assert continued == uninterrupted
     assert not any(str(tmp_path) in " ".join(cmd) for cmd, _ in continued.values())  # no path of this machine
     # A filled grid runs nothing.
-    assert grid.main([*cells, "--runs", str(tmp_path / "b"), "--records", str(tmp_path / "rb")]) == 0
+    assert grid.main(stopped) == 0
     assert capsys.readouterr().out.strip().endswith(": filed")
 
 
