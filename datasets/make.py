@@ -338,6 +338,7 @@ _DEFERRAL = {"depth": 0, "pending": None}
 
 
 def interrupt(signum: int) -> BaseException:
+    """What a signal raises in a build: BuildInterrupted (exit 143) for SIGTERM, else KeyboardInterrupt."""
     return BuildInterrupted(128 + signal.SIGTERM) if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
