@@ -9,13 +9,15 @@ A cell is one algorithm file with the tier's flags on one dataset. Its runs live
 `runs/grid/<tier>/<cell>/<dataset>/` (the run directory's own contract makes every run resumable).
 For each cell in order: a record already filed in results/records/ with the cell's flags (and, where
 the dataset is built here, its current fingerprint) is skipped; a finished run is filed; an
-unfinished one continues with `--resume`; otherwise the run starts, building its dataset on first
-use. `--max-minutes` ends the command at that wall time: the running cell is stopped (SIGTERM, then
-SIGKILL) and continues from its last checkpoint at the next command, so every command must last
-longer than a cell needs to reach its first checkpoint (one evaluation interval; RAVL and MOREC also
-checkpoint each epoch of their dynamics model). A `mopo` cell starts on the `morec` cell's saved model
-(`--dynamics-path`) where that cell's run here has one: the same model, not trained twice. Each finished run's
-record is filed with `results/tables.py`'s `add`, and the tables are regenerated.
+unfinished one continues with `--resume` (unless code a later fix changed made it: OLDER_CODE);
+otherwise the run starts, building its dataset on first use. `--max-minutes` ends the command at
+that wall time: the running cell is stopped (SIGTERM, then SIGKILL) and continues from its last
+checkpoint at the next command, so every command must last longer than a cell needs to reach its
+first checkpoint (one evaluation interval; RAVL and MOREC also checkpoint each epoch of their
+dynamics model). A `mopo` cell starts on the `morec` cell's saved model (`--dynamics-path`) where
+that cell's run here has one (of code since the cell's last fix): the same model, not trained twice.
+Each finished run's record is filed with `results/tables.py`'s `add`, and the tables are
+regenerated.
 
 Tiers (never mixed in a table): `paper`, each paper's budget with 5 seeds; `short`, the CPU budgets
 of DESIGN.md (about an hour or less per cell on 2 idle cores); `tiny`, seconds per cell on the test
@@ -244,11 +246,13 @@ def filed(cell: Cell, records: Path, fingerprints: dict) -> Path | None:
 
 
 def run_dirs(cell: Cell, runs: Path) -> list[Path]:
-    """The cell's run directories that match its flags, oldest first."""
+    """The cell's run directories that match its flags, oldest first, except those of code a later fix
+    changed (OLDER_CODE): such a run is neither continued nor its model shared."""
     found = []
     for record_path in sorted(cell.out_dir(runs).glob("*/*/record.json")):
         try:
-            if matches(json.loads(record_path.read_text()), cell):
+            record = json.loads(record_path.read_text())
+            if matches(record, cell) and not older_code(record, cell):
                 found.append(record_path.parent)
         except (OSError, json.JSONDecodeError):
             continue

@@ -63,7 +63,8 @@ def test_a_record_of_older_code_leaves_its_cell_to_be_run_again(tmp_path):
 
 def test_mopo_starts_on_the_model_morecs_run_saved(tmp_path):
     """The mopo cell's new run loads the morec cell's saved model (the same flags train the same model:
-    test_morec's reused-model test ends where the run that trained it does); its own run resumes."""
+    test_morec's reused-model test ends where the run that trained it does), never one of code a later
+    fix changed; its own run resumes."""
     import benchmark
 
     runs = tmp_path / "runs"
@@ -71,13 +72,19 @@ def test_mopo_starts_on_the_model_morecs_run_saved(tmp_path):
     config = {"total_steps": 50000, "num_seeds": 2, "model_max_epochs": 30, "rollouts_per_epoch": 200,
               "reward_iterations": 100, "snapshot_interval": 5}  # fmt: skip
 
-    def run_dir(cell, name, no_filter):
+    def run_dir(cell, name, no_filter, commit="0123abc"):
         path = cell.out_dir(runs) / "morec" / name
         path.mkdir(parents=True)
-        record = {"algorithm": "morec", "dataset": cell.dataset, "config": {**config, "no_filter": no_filter}}
+        record = {"algorithm": "morec", "dataset": cell.dataset, "config": {**config, "no_filter": no_filter},
+                  "commit": commit}  # fmt: skip
         (path / "record.json").write_text(json.dumps(record))
         return path
 
+    # A run of code a later fix changed: its model is not shared, the run itself not continued.
+    stale = run_dir(cells["morec"], "run-0", False, commit=grid.OLDER_CODE["morec"][-1])
+    (stale / "dynamics.msgpack").write_bytes(b"old model")
+    assert "--dynamics-path" not in grid.command(cells["mopo"], runs)
+    assert "--resume" not in grid.command(cells["morec"], runs)
     morec = run_dir(cells["morec"], "run-1", False)
     fresh = grid.command(cells["mopo"], runs)
     assert "--dynamics-path" not in fresh and "--no-filter" in fresh  # the model is not saved yet
