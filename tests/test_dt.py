@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,9 +111,9 @@ def test_block_equals_flax_attention_and_dense_layers_on_3d_tokens():
     class Reference(nn.Module):
         @nn.compact
         def __call__(self, x, mask):
-            h = nn.MultiHeadDotProductAttention(H, name="attn")(nn.LayerNorm(name="ln1")(x), mask=mask)
-            x = x + h
-            return x + nn.Dense(C, name="fc_out")(nn.relu(nn.Dense(4 * C, name="fc")(nn.LayerNorm(name="ln2")(x))))
+            ln = lambda name: nn.LayerNorm(epsilon=1e-5, name=name)  # noqa: E731
+            x = x + nn.MultiHeadDotProductAttention(H, name="attn")(ln("ln1")(x), mask=mask)
+            return x + nn.Dense(C, name="fc_out")(nn.relu(nn.Dense(4 * C, name="fc")(ln("ln2")(x))))
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(B, T, C)).astype(np.float32)
@@ -134,19 +135,50 @@ def test_block_equals_flax_attention_and_dense_layers_on_3d_tokens():
 
 
 def test_dropout_drops_the_rate_and_rescales_the_rest():
-    """16-bit dropout: a fraction `rate` (0.100006) of the elements is zeroed, the others are scaled by
-    1 / (1 - rate); the same key gives the same mask, another key another; off at evaluation."""
+    """Hashed dropout: a fraction `rate` of the elements is zeroed, the others are scaled by
+    1 / (1 - rate); neighbouring elements and masks of different keys are independent (a pair is
+    dropped together with probability rate^2); the same key gives the same mask; a vmapped member
+    gets the mask its key gives alone; off at evaluation."""
     x = jnp.ones((1000, 1000))
     drop = dt.Dropout(0.1)
-    out = np.asarray(drop.apply({}, x, False, rngs={"dropout": jax.random.key(0)}))
+    apply = jax.jit(lambda key: drop.apply({}, x, False, rngs={"dropout": key}))
+    out = np.asarray(apply(jax.random.key(0)))
     zero = out == 0
-    assert abs(zero.mean() - 6554 / 2**16) < 0.002  # 1e6 draws: std 3e-4
+    assert abs(zero.mean() - 0.1) < 0.002  # 1e6 draws: std 3e-4
     np.testing.assert_allclose(out[~zero], 1 / 0.9, rtol=1e-6)
-    assert 0.098 < zero[:500].mean() < 0.102 and 0.098 < zero[500:].mean() < 0.102  # low and high 16 bits
-    again = np.asarray(drop.apply({}, x, False, rngs={"dropout": jax.random.key(0)}))
-    other = np.asarray(drop.apply({}, x, False, rngs={"dropout": jax.random.key(1)}))
-    assert (again == out).all() and (other != out).mean() > 0.1
+    for a, b in [(zero[:, 1:], zero[:, :-1]), (zero[1:], zero[:-1])]:  # neighbours in a row, in a column
+        assert abs((a & b).mean() - 0.01) < 0.001
+    other = np.asarray(apply(jax.random.key(1))) == 0
+    assert abs((zero & other).mean() - 0.01) < 0.001
+    assert (np.asarray(apply(jax.random.key(0))) == out).all()
+    members = np.asarray(jax.vmap(apply)(jnp.stack([jax.random.key(1), jax.random.key(0)])))
+    assert (members[0] == 0).tolist() == other.tolist() and (members[1] == out).all()
     assert (np.asarray(drop.apply({}, x, True)) == 1).all()
+
+
+def test_mix32_is_a_bijection_that_spreads_every_bit():
+    """The hash behind the dropout masks: distinct inputs give distinct outputs (checked on 2^20
+    consecutive ones) and flipping any one input bit flips about half of the output bits."""
+    i = jnp.arange(2**20, dtype=jnp.uint32)
+    h = np.asarray(dt.mix32(i))
+    assert len(np.unique(h)) == 2**20
+    for bit in range(32):
+        flipped = np.asarray(dt.mix32(i ^ jnp.uint32(1 << bit))) ^ h
+        assert 0.45 < np.unpackbits(flipped.view(np.uint8)).mean() < 0.55, bit
+
+
+def test_layer_norm_is_torchs():
+    """(x - mean) / sqrt(var + 1e-5) * scale + bias over the last axis, var the biased variance:
+    torch's nn.LayerNorm with GPT-2's epsilon; the second token's variance (3.5e-6) is below eps, so
+    flax's default eps (1e-6) would give another result."""
+    x = np.array([[1.0, 2.0, 4.0, 7.0], [0.001, -0.002, 0.003, 0.0]], np.float32)
+    params = {"params": {"scale": np.array([1.0, 2.0, 0.5, -1.0], np.float32), "bias": np.full(4, 0.1, np.float32)}}
+    out = np.asarray(dt.LayerNorm().apply(params, x))
+    centred = x - x.mean(-1, keepdims=True)
+    expected = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5) * params["params"]["scale"] + 0.1
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    flax_default = np.asarray(flax.linen.LayerNorm().apply(params, x))
+    assert np.abs(flax_default[1] - out[1]).max() > 0.05
 
 
 def test_returns_to_go_of_hand_built_episodes():
