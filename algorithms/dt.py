@@ -232,8 +232,9 @@ class Dropout(nn.Module):
     """Inverted dropout (torch's nn.Dropout): each element is zeroed with probability `rate`, the rest
     scaled by 1 / (1 - rate). The mask comes from a counter hash, mix32(mix32(i ^ s0) ^ s1) of each
     element's index i under a 64-bit seed (s0, s1) drawn from the module's threefry key: one fused
-    elementwise pass, where threefry for every element took 15% of the update on 2 CPU cores
-    (results/throughput). Members still get their own masks (the seed comes from their key)."""
+    elementwise pass, where threefry bits for every element made dropout 15% of the update on 2 CPU
+    cores (8.7 updates/s, 10.2 without dropout; results/throughput, 3 December 2026). Members still
+    get their own masks (the seed comes from their key)."""
 
     rate: float
 

@@ -326,11 +326,32 @@ def time_matmul(lhs: tuple, rhs: tuple, dims, reps: int = 30) -> float:
     return best
 
 
+def cpu_model() -> str:
+    """The CPU's model name and widest float vector instructions, from /proc/cpuinfo. The matmul peak
+    depends on them: 2 AVX2 cores measured 120-130 GFLOP/s here; files without this field measured
+    310-350, more than AVX2 allows at these clocks (AVX-512 machines)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(flags.group(1).split()) if flags else set()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model.group(1).strip() if model else 'unknown CPU'}, {vector}"
+
+
+def where(r: dict) -> str:
+    """A file's device column: cpu (2 cores, AMD EPYC, AVX2); files made before the cpu field lack it."""
+    return f"{r['device']} ({r['cpu_count']} cores{', ' + r['cpu'] if r.get('cpu') else ''})"
+
+
 def measured_on(algo: str, setup: Setup, batch_size: int, peak: float, flops: float) -> dict:
     """What every throughput file starts with: the update measured, the machine and the code."""
     return {
         "algorithm": algo,
         "device": device_name(),
+        **({"cpu": cpu_model()} if device_name() == "cpu" else {}),
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
@@ -463,14 +484,24 @@ def table() -> str:
         "",
         "The matmul peak is one 2048 x 2048 float32 matmul; the networks' matmuls are 256 wide (DT's 128), and "
         "their elementwise work (activations, Adam, random bits) is not in the FLOP count, so no update reaches "
-        "the peak. DT is lowest (39% for one seed): its matmuls alone take half of its update (69 of 137 ms, "
-        "the matmuls section below), the rest is LayerNorms, softmax and dropout (one seed: 8.7 updates/s with "
-        "dropout 0.1, 10.2 with `--set dropout=0.0`, the row marked so). Two rewrites that change nothing "
-        "computed raised DT's update from 6.7 to 8.7 updates/s (one seed, files of 2 and 3 December 2026) and "
-        "CQL's and Cal-QL's from 13.4 and 13.9 to 18.7: their dense layers see 2-D matrices (XLA's CPU weight "
-        "gradient of a 3-D dot contracting two axes ran 2-3.5x slower than the same 2-D matmul), and DT's "
-        "dropout draws 16 random bits per element where jax.random.bernoulli draws 32. Slow updates were timed "
-        "over 100-200 updates (the `command` in each JSON file), so their rows are noisier.",
+        "the peak. Two kinds of 2-core machine made these files; compare rows of one kind only. Files that "
+        "name the CPU's vector instructions (cpu (2 cores, AMD EPYC, AVX2), 4 December 2026 "
+        "on) come from AVX2 machines with a 120-135 GFLOP/s peak; the others measured 310-350 GFLOP/s, more "
+        "than AVX2 allows at these clocks (AVX-512 machines). The same matmuls reach different shares of the "
+        "two peaks (DT's, timed alone: 62% of the AVX-512 peak on 3 December, in that file's git history, "
+        "72% of the AVX2 one), so a % of peak from one kind says little about the other.",
+        "",
+        "DT: one seed reaches 60% of the AVX2 machine's peak (4.89 updates/s; 57% for 4 seeds), since its "
+        "dropout masks come from a hash of each element's index and its LayerNorm is written out (71e8aa5): "
+        "without dropout (`--set dropout=0.0`, the row marked so) one seed runs 5.47 updates/s, so dropout is "
+        "now 11% of the update where threefry bits for every element made it 15% (8.7 against 10.2 updates/s "
+        "on an AVX-512 machine, 3 December, where the code before this change reached 39% of that peak; "
+        "git history of dt__cpu.json). Its matmuls alone take 153 of its 227 ms (the matmuls section), a "
+        "ceiling of 75% of peak. Earlier rewrites that change nothing computed raised DT's update from 6.7 to "
+        "8.7 updates/s (AVX-512, files of 2 and 3 December) and CQL's and Cal-QL's from 13.4 and 13.9 to "
+        "18.7: their dense layers see 2-D matrices (XLA's CPU weight gradient of a 3-D dot contracting two "
+        "axes ran 2-3.5x slower than the same 2-D matmul). Slow updates were timed over 100-200 updates (the "
+        "`command` in each JSON file), so their rows are noisier.",
         "",
         "Members: seeds, or a --sweep's grid points x seeds (the sweep column names the grid). GFLOP/update: "
         "XLA's cost analysis of one single-seed update; % of peak: throughput x GFLOP/update over the measured "
@@ -487,7 +518,7 @@ def table() -> str:
         for s in r["scan_vmap"]:
             share = f"{100 * s['fraction_of_peak']:.0f}" if "fraction_of_peak" in s else ""
             rows.append(
-                f"| {r['algorithm']} | {r['network']} | {r['batch_size']} | {r['device']} ({r['cpu_count']} cores) | "
+                f"| {r['algorithm']} | {r['network']} | {r['batch_size']} | {where(r)} | "
                 f"{r['plain_loop']['updates_per_s']} | {s['num_seeds']} | {s.get('sweep', '')} | "
                 f"{s['updates_per_s_per_seed']} | {s['throughput']} | {s['first_chunk_s']} | "
                 f"{r.get('gflop_per_update', '')} | {r.get('matmul_peak_gflops', '')} | {share} |"
@@ -521,7 +552,7 @@ def matmul_rows() -> list[str]:
         count = sum(m["count"] for m in r["matmuls"])
         ceiling = r["gflop_per_update"] / (r["matmul_ms"] / 1e3) / r["matmul_peak_gflops"]
         rows.append(
-            f"| {r['algorithm']} | {r['network']} | {r['device']} ({r['cpu_count']} cores) | {r['commit']} | "
+            f"| {r['algorithm']} | {r['network']} | {where(r)} | {r['commit']} | "
             f"{count} ({len(r['matmuls'])}) | {r['matmul_gflop']} | {r['matmul_ms']} | "
             f"{r['matmul_gflop'] / (r['matmul_ms'] / 1e3):.1f} | {r['update_ms']} | "
             f"{100 * r['matmul_ms'] / r['update_ms']:.0f}% | {r['matmul_peak_gflops']} | {100 * ceiling:.0f} |"
@@ -550,7 +581,7 @@ def peer_rows() -> list[str]:
         r = json.loads(path.read_text())
         rate = lambda name, r=r: ", ".join(map(str, r["updates_per_s"][name]))  # noqa: E731
         rows.append(
-            f"| {r['device']} ({r['cpu_count']} cores) | {r['date']} | {r['peer']['commit'][:7]} | {rate('jax_corl')} "
+            f"| {where(r)} | {r['date']} | {r['peer']['commit'][:7]} | {rate('jax_corl')} "
             f"| {rate('jaxorl_scan')} | {rate('jaxorl_plain')} | "
             f"{', '.join(f'{x:.2f}x' for x in r['ratio_scan_over_jax_corl'])} |"
         )
