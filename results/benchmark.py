@@ -486,10 +486,16 @@ def table() -> str:
         "their elementwise work (activations, Adam, random bits) is not in the FLOP count, so no update reaches "
         "the peak. Two kinds of 2-core machine made these files; compare rows of one kind only. Files that "
         "name the CPU's vector instructions (cpu (2 cores, AMD EPYC, AVX2), 4 December 2026 "
-        "on) come from AVX2 machines with a 120-135 GFLOP/s peak; the others measured 310-350 GFLOP/s, more "
+        "on) come from AVX2 machines whose peak measured 120-180 GFLOP/s (124-133 for DT on 3-4 December, 170-180 "
+        "for IQL and CQL on 4 December); the others measured 310-350 GFLOP/s, more "
         "than AVX2 allows at these clocks (AVX-512 machines). The same matmuls reach different shares of the "
         "two peaks (DT's, timed alone: 62% of the AVX-512 peak on 3 December, in that file's git history, "
         "72% of the AVX2 one), so a % of peak from one kind says little about the other.",
+        "",
+        "IQL and CQL on an AVX2 machine (4 December, code c905724): IQL's one seed 72% of peak (228.9 updates/s), "
+        "4 seeds 64%; CQL's one seed 62% (7.77 updates/s), 4 seeds 68%. On the same machine JAX-CORL's IQL ran "
+        "184-192 updates/s against this file's scan at 189-212 (0.99-1.14x per round; 1.21-1.30x on an AVX-512 "
+        "machine on 2 December): short of the 1.15x aim here.",
         "",
         "DT: one seed reaches 60% of the AVX2 machine's peak (4.89 updates/s; 57% for 4 seeds), since its "
         "dropout masks come from a hash of each element's index and its LayerNorm is written out (71e8aa5): "
