@@ -476,7 +476,8 @@ def table() -> str:
         "one jitted call per update from Python, measured in the same run.",
         "",
         "On 2 CPU cores one full-size update already keeps both cores busy, so 4 or 16 vmapped seeds give about "
-        "the throughput of one seed (0.8-1.1x): on a CPU, seeds cost wall time linearly. The seed axis is there "
+        "the throughput of one seed or less (0.8-1.1x on the AVX-512 files; IQL on AVX2 0.89x for 4 and 0.68x "
+        "for 16): on a CPU, seeds cost wall time linearly. The seed axis is there "
         "for accelerators; no GPU measurement yet (`bash results/gpu_checks.sh OUT` makes them, with IQL's 1M x 5 "
         "seeds and sweep checks, in one 10-minute call; its header says how). One member runs unbatched "
         "(`common.members.vmap_members`): "
