@@ -11,7 +11,9 @@ module, layer norm on V, batch 256, 256-256 networks. This repository's update r
 trains: `make_train_chunk`'s lax.scan of updates for one seed, and one jitted call per update.
 Both train on the same random arrays of HalfCheetah's shapes (17-D observations, 6-D actions, 1M
 transitions) resident on the device. Rounds alternate between the two so that load drifts hit both.
-Writes results/throughput/peer_iql__<device>.json; `python results/benchmark.py --table` shows it.
+Writes results/throughput/peer_iql__<device>.json (on a CPU, named for its vector instructions too:
+peer_iql__cpu-avx2.json, since the ratio differs between machine kinds); `python results/benchmark.py
+--table` shows it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmark import commit_of_code  # noqa: E402
+from benchmark import commit_of_code, cpu_model  # noqa: E402
 
 from common.logging import atomic_write, device_name  # noqa: E402
 
@@ -195,6 +197,7 @@ def main():
     result = {
         "comparison": "iql",
         "device": device_name(),
+        **({"cpu": cpu_model()} if device_name() == "cpu" else {}),
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
@@ -213,6 +216,8 @@ def main():
         "ratio_scan_over_jax_corl": ratios,
     }
     name = result["device"].replace(" ", "-").replace("/", "-")
+    if result.get("cpu"):  # "cpu-avx2", "cpu-avx-512": the two kinds of 2-core machine give different ratios
+        name += "-" + result["cpu"].rsplit(", ", 1)[-1].lower()
     atomic_write(OUT / f"peer_iql__{name}.json", json.dumps(result, indent=1) + "\n")
     print(f"jaxorl scan / JAX-CORL per round: {ratios}")
 
