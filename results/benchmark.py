@@ -486,7 +486,7 @@ def table() -> str:
         "The matmul peak is one 2048 x 2048 float32 matmul; the networks' matmuls are 256 wide (DT's 128), and "
         "their elementwise work (activations, Adam, random bits) is not in the FLOP count, so no update reaches "
         "the peak. Two kinds of 2-core machine made these files; compare rows of one kind only. Files that "
-        "name the CPU's vector instructions (cpu (2 cores, AMD EPYC, AVX2), 4 December 2026 "
+        "name an AVX2 CPU (cpu (2 cores, AMD EPYC, AVX2), 4 December 2026 "
         "on) come from AVX2 machines whose peak measured 120-180 GFLOP/s (124-133 for DT on 3-4 December, 170-180 "
         "for IQL and CQL on 4 December); the others measured 310-350 GFLOP/s, more "
         "than AVX2 allows at these clocks (AVX-512 machines). The same matmuls reach different shares of the "
@@ -496,7 +496,10 @@ def table() -> str:
         "IQL and CQL on an AVX2 machine (4 December, code c905724): IQL's one seed 72% of peak (228.9 updates/s), "
         "4 seeds 64%; CQL's one seed 62% (7.77 updates/s), 4 seeds 68%. On the same machine JAX-CORL's IQL ran "
         "184-192 updates/s against this file's scan at 189-212 (0.99-1.14x per round; 1.21-1.30x on an AVX-512 "
-        "machine on 2 December): short of the 1.15x aim here.",
+        "machine on 2 December): short of the 1.15x aim here. On an AVX-512 machine (Intel Xeon, 4 December, "
+        "code 4e54a98) JAX-CORL's ran 240-250 updates/s against 304-308 (1.23-1.29x). In the table below, the "
+        "row without a CPU name is the AVX2 run (made before peer_benchmark.py recorded the CPU; its file name "
+        "says AVX2).",
         "",
         "DT: one seed reaches 60% of the AVX2 machine's peak (4.89 updates/s; 57% for 4 seeds), since its "
         "dropout masks come from a hash of each element's index and its LayerNorm is written out (71e8aa5): "
