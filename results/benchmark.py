@@ -497,7 +497,7 @@ def table() -> str:
         "4 seeds 64%; CQL's one seed 62% (7.77 updates/s), 4 seeds 68%. On the same machine JAX-CORL's IQL ran "
         "184-192 updates/s against this file's scan at 189-212 (0.99-1.14x per round; 1.21-1.30x on an AVX-512 "
         "machine on 2 December): short of the 1.15x aim here. On an AVX-512 machine (Intel Xeon, 4 December, "
-        "code 4e54a98) JAX-CORL's ran 240-250 updates/s against 304-308 (1.23-1.29x). In the table below, the "
+        "code 4e54a98) JAX-CORL's ran 240.0-249.8 updates/s against 303.5-308.3 (1.23-1.28x). In the table below, the "
         "row without a CPU name is the AVX2 run (made before peer_benchmark.py recorded the CPU; its file name "
         "says AVX2).",
         "",
