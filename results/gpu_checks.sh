@@ -15,6 +15,7 @@
 #
 #   bash results/gpu_checks.sh OUT            # from the repository root, on an idle machine
 #   ONLY="3" bash results/gpu_checks.sh OUT   # only some steps (a second call after a stopped one)
+#   ONLY="3" ALGOS="cql dt" bash results/gpu_checks.sh OUT   # only some of step 3's benchmarks
 #
 # On a machine with JAX for CUDA, flax and optax but not this project's other packages (the device
 # tool's H200 image: Python 3.12, no gymnasium, minari, mujoco or tyro), download their wheels where
@@ -110,7 +111,7 @@ fi
 
 # 3. update throughput (each writes results/throughput/ALGO__DEVICE.json; copied to OUT)
 touch "$WORK/before_benchmarks"
-[[ "$ONLY" == *" 3 "* ]] && for algo in iql cql dt; do
+[[ "$ONLY" == *" 3 "* ]] && for algo in ${ALGOS:-iql cql dt}; do
   # shellcheck disable=SC2086
   run "bench_$algo" 240 "$PY" results/benchmark.py --algo "$algo" $BENCH_FLAGS
   find results/throughput -name "${algo}__*.json" -newer "$WORK/before_benchmarks" -exec cp {} "$OUT/" \;
