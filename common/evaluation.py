@@ -16,6 +16,8 @@ without it. Where nothing can render or encode, it says so once and the evaluati
 from __future__ import annotations
 
 import os
+import pickle
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +28,7 @@ import gymnasium as gym
 import jax
 import numpy as np
 
-from common.data import Meta
+from common.data import Meta, UserError
 
 
 class EvalResult(NamedTuple):
@@ -67,39 +69,43 @@ def evaluate(
     num_seeds = num_seeds_of(params)
     n = num_seeds * num_episodes
     recorder = VideoRecorder.open(meta, video) if video is not None else None
-    makers = [meta.make_env for _ in range(n)]
-    if recorder is not None:
-        makers[0] = recorder.make_env
-    envs = gym.vector.SyncVectorEnv(makers)
+    seeds = [seed + j for _ in range(num_seeds) for j in range(num_episodes)]
+    workers = 0 if recorder is not None else eval_workers(n)
+    envs = pooled_envs(meta, n, workers) if workers else LocalEnvs(meta, n, recorder)
     try:
-        obs, _ = envs.reset(seed=[seed + j for _ in range(num_seeds) for j in range(num_episodes)])
-        if recorder is not None:
-            recorder.capture(envs.envs[0])
+        # Only running episodes are stepped: a vector env steps every env until the last episode
+        # ends, which doubled the env steps of evaluations whose episodes end at different times.
+        flat = envs.reset(seeds)
         rng = jax.random.key(seed) if rng is None else rng
         returns, lengths = np.zeros(n), np.zeros(n, np.int64)
         done, success = np.zeros(n, bool), np.zeros(n, bool)
         has_success = False
-        prev_reward = np.zeros((num_seeds, num_episodes), np.float32)
+        reward = np.zeros(n)
         while not done.all():
             rng, key = jax.random.split(rng)
-            flat = meta.flatten_obs(obs).reshape(num_seeds, num_episodes, -1)
-            actions, carry = policy(params, carry, flat, prev_reward, key)
+            prev_reward = reward.astype(np.float32).reshape(num_seeds, num_episodes)
+            actions, carry = policy(params, carry, flat.reshape(num_seeds, num_episodes, -1), prev_reward, key)
             actions = meta.to_env_action(np.asarray(actions).reshape(n, -1))
-            obs, reward, term, trunc, info = envs.step(actions)
-            # Gymnasium's NEXT_STEP autoreset: an env that ended is reset on its next step; mask it.
-            alive = ~done
-            returns += np.where(alive, reward, 0.0)
-            lengths += alive
-            if "success" in info:
+            running = np.flatnonzero(~done)  # an ended episode's row stays as it ended, counted no more
+            obs, reward_running, ended, succeeded = envs.step(running, actions[running])
+            flat = flat.copy()  # a new array each step: the policy may keep the one it was given
+            flat[running] = obs
+            reward = np.zeros(n)
+            reward[running] = reward_running
+            returns[running] += reward_running
+            lengths[running] += 1
+            if succeeded is not None:
                 has_success = True
-                success |= alive & np.asarray(info["success"], bool)
-            if recorder is not None and not done[0]:
-                recorder.capture(envs.envs[0])
-            done |= term | trunc
-            prev_reward = np.asarray(reward, np.float32).reshape(num_seeds, num_episodes)
+                success[running] |= succeeded
+            done[running] = ended
         written = recorder.finish() if recorder is not None else None
+    except BaseException:
+        if workers:
+            drop_pool()  # a worker may have died or stopped mid-step: the next evaluation starts new ones
+        raise
     finally:
-        envs.close()
+        if not workers:
+            envs.close()
         if recorder is not None:
             recorder.abort()
     shape = (num_seeds, num_episodes)
@@ -112,6 +118,175 @@ def evaluate(
         written,
         recorder.thumbnail() if written else None,
     )
+
+
+class LocalEnvs:
+    """n evaluation envs stepped in this process (env 0 through the video recorder, if any)."""
+
+    def __init__(self, meta: Meta, n: int, recorder: VideoRecorder | None = None):
+        self.meta, self.recorder, self.envs = meta, recorder, []
+        try:
+            for i in range(n):
+                self.envs.append(recorder.make_env() if i == 0 and recorder is not None else meta.make_env())
+        except BaseException:
+            self.close()
+            raise
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        flat = np.stack([self.meta.flatten_obs(env.reset(seed=s)[0]) for env, s in zip(self.envs, seeds)])
+        if self.recorder is not None:
+            self.recorder.capture(self.envs[0])
+        return flat
+
+    def step(self, index: np.ndarray, actions: np.ndarray):
+        """Step envs `index` with `actions`: their flat observations, rewards, ended (terminated or
+        truncated) and success flags (None where the env reports none)."""
+        flat, reward, ended, success = [], np.zeros(len(index)), np.zeros(len(index), bool), []
+        for k, (i, action) in enumerate(zip(index, actions)):
+            obs, reward[k], term, trunc, info = self.envs[i].step(action)
+            flat.append(self.meta.flatten_obs(obs))
+            ended[k] = term or trunc
+            success.append(info.get("success"))
+        if self.recorder is not None and len(index) and index[0] == 0:
+            self.recorder.capture(self.envs[0])
+        has_success = any(x is not None for x in success)
+        return np.stack(flat), reward, ended, np.array([bool(x) for x in success]) if has_success else None
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+# Evaluation envs in worker processes: on a machine with spare cores (a GPU machine's host, where
+# stepping MuJoCo on one core is most of an evaluation) the envs are split into one block per worker.
+# Results are identical to stepping them here: the same seeds and actions reach the same envs.
+def eval_workers(n: int) -> int:
+    """Worker processes for n envs: JAXORL_EVAL_WORKERS if set (0: none), else one per core but one,
+    at least 4 envs each, on machines of more than 2 cores; 0 (step them in this process) otherwise."""
+    value = os.environ.get("JAXORL_EVAL_WORKERS")
+    if value is not None:
+        if not value.strip().isdigit():
+            raise UserError(f"JAXORL_EVAL_WORKERS={value!r}: give a whole number of worker processes (0: none)")
+        return min(int(value), n)
+    cores = os.cpu_count() or 1
+    workers = min(cores - 1, n // 4)
+    return workers if cores > 2 and workers >= 2 else 0
+
+
+def serve_envs() -> None:
+    """An evaluation worker process: LocalEnvs for the (meta, n) it is sent first, then each
+    (method, args) call answered, all pickled over stdin/stdout, until stdin closes."""
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything the envs print goes to stderr, never into the answers
+    envs = None
+    try:
+        meta, n = pickle.load(sys.stdin.buffer)
+        envs = LocalEnvs(meta, n)
+        pickle.dump(None, answers)
+        answers.flush()
+        while True:
+            method, args = pickle.load(sys.stdin.buffer)
+            pickle.dump(getattr(envs, method)(*args), answers)
+            answers.flush()
+    except (EOFError, KeyboardInterrupt, BrokenPipeError):
+        pass
+    except Exception as e:  # the parent raises it
+        pickle.dump(RuntimeError(f"evaluation worker: {type(e).__name__}: {e}"), answers)
+        answers.flush()
+    finally:
+        if envs is not None:
+            envs.close()
+
+
+class PooledEnvs:
+    """LocalEnvs' reset and step over worker processes, each holding a contiguous block of the envs.
+    Plain subprocesses (not multiprocessing, whose spawn re-imports the caller's main script and
+    whose fork is unsafe under JAX's threads)."""
+
+    def __init__(self, meta: Meta, n: int, workers: int):
+        bounds = np.linspace(0, n, workers + 1).astype(int)
+        self.blocks = list(zip(bounds[:-1], bounds[1:]))
+        root = str(Path(__file__).resolve().parents[1])  # where `common` is importable from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        command = [sys.executable, "-c", "from common.evaluation import serve_envs; serve_envs()"]
+        self.procs = []
+        try:
+            for lo, hi in self.blocks:
+                proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                self.procs.append(proc)
+                self._send(proc, (meta, int(hi - lo)))
+            for proc in self.procs:
+                self._receive(proc)
+        except BaseException:
+            self.close()
+            raise
+
+    def _send(self, proc, message) -> None:
+        try:
+            pickle.dump(message, proc.stdin)
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise RuntimeError("an evaluation worker process died (its error is above)") from None
+
+    def _receive(self, proc):
+        try:
+            out = pickle.load(proc.stdout)
+        except (EOFError, pickle.UnpicklingError):
+            raise RuntimeError("an evaluation worker process died (its error is above)") from None
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        for (lo, hi), proc in zip(self.blocks, self.procs):
+            self._send(proc, ("reset", (seeds[lo:hi],)))
+        return np.concatenate([self._receive(proc) for proc in self.procs])
+
+    def step(self, index: np.ndarray, actions: np.ndarray):
+        asked = []
+        for (lo, hi), proc in zip(self.blocks, self.procs):
+            mine = (index >= lo) & (index < hi)
+            if mine.any():
+                self._send(proc, ("step", (index[mine] - lo, actions[mine])))
+                asked.append(proc)
+        parts = [self._receive(proc) for proc in asked]
+        flat, reward, ended = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        has_success = any(p[3] is not None for p in parts)
+        success = np.concatenate([p[3] if p[3] is not None else np.zeros(len(p[1]), bool) for p in parts])
+        return flat, reward, ended, success if has_success else None
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+
+
+_pool: tuple[tuple, PooledEnvs] | None = None  # kept between evaluations of a run: starting workers takes seconds
+
+
+def pooled_envs(meta: Meta, n: int, workers: int) -> PooledEnvs:
+    global _pool
+    key = (meta.dataset_id, meta.fingerprint, n, workers)
+    if _pool is None or _pool[0] != key:
+        drop_pool()
+        _pool = (key, PooledEnvs(meta, n, workers))
+    return _pool[1]
+
+
+def drop_pool() -> None:
+    global _pool
+    if _pool is not None:
+        _pool[1].close()
+        _pool = None
 
 
 # --- Video ------------------------------------------------------------------------------------

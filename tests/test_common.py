@@ -151,6 +151,35 @@ def test_evaluate_counts_exactly_each_episode(pendulum_dataset):
     np.testing.assert_array_equal(again.returns, result.returns)  # seeded and reproducible
 
 
+def test_evaluation_in_worker_processes_equals_in_process(pendulum_dataset, monkeypatch):
+    """JAXORL_EVAL_WORKERS=2 steps the envs in two worker processes (as on a GPU machine's many cores):
+    the same episodes as in this process, kept between evaluations; a bad value is one clear error."""
+    from common import evaluation
+    from common.data import UserError
+
+    _, meta = load_dataset(pendulum_dataset, to_device=False)
+    params = {"k": jnp.array([0.5 / 3, 1.0 / 3, 0.8 / 3])}
+    monkeypatch.setenv("JAXORL_EVAL_WORKERS", "0")
+    here = evaluate(meta, weak_controller, params, num_episodes=3, seed=3)
+    assert len(set(here.lengths.ravel())) > 1  # episodes end at different times
+    monkeypatch.setenv("JAXORL_EVAL_WORKERS", "2")
+    try:
+        pooled = evaluate(meta, weak_controller, params, num_episodes=3, seed=3)
+        pool = evaluation._pool[1]
+        assert [p.poll() for p in pool.procs] == [None, None] and pool.blocks == [(0, 4), (4, 9)]
+        again = evaluate(meta, weak_controller, params, num_episodes=3, seed=3)
+        assert evaluation._pool[1] is pool  # the workers are reused, not restarted
+    finally:
+        evaluation.drop_pool()
+    assert all(p.returncode == 0 for p in pool.procs)  # they exit when their pipe closes
+    for result in (pooled, again):
+        np.testing.assert_array_equal(result.returns, here.returns)
+        np.testing.assert_array_equal(result.lengths, here.lengths)
+    monkeypatch.setenv("JAXORL_EVAL_WORKERS", "two")
+    with pytest.raises(UserError, match="JAXORL_EVAL_WORKERS='two'"):
+        evaluate(meta, weak_controller, params, num_episodes=3, seed=3)
+
+
 def test_first_nonfinite_names_seed_step_and_losses():
     metrics = {"a": np.array([[0.0, 1.0, np.nan], [0.0, np.inf, 1.0]]), "b": np.zeros((2, 3))}
     assert first_nonfinite(metrics, 100, seeds=[5, 6]) == "seed 6, step 102: a=inf"
