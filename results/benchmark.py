@@ -478,8 +478,14 @@ def table() -> str:
         "On 2 CPU cores one full-size update already keeps both cores busy, so 4 or 16 vmapped seeds give about "
         "the throughput of one seed or less (0.8-1.1x on the AVX-512 files; IQL on AVX2 0.89x for 4 and 0.68x "
         "for 16): on a CPU, seeds cost wall time linearly. The seed axis is there "
-        "for accelerators; no GPU measurement yet (`bash results/gpu_checks.sh OUT` makes them, with IQL's 1M x 5 "
-        "seeds and sweep checks, in one 10-minute call; its header says how). One member runs unbatched "
+        "for accelerators. On an NVIDIA H200 (4 December, code a052acb, JAX 0.11.2; the rows naming it) IQL's "
+        "update runs 8284 updates/s for one seed and 51518 member-updates/s for 16 (3220 each), CQL's 2244 and "
+        "5711 (357 each): members cost far less than on a CPU, but not nothing; 27 members (a 3 x 3 sweep x 3 "
+        "seeds) take 3.5x one seed's time per update for IQL and 9.6x for CQL. That machine's matmul peak is "
+        "float32 at JAX's default precision (TF32 on the tensor cores), and these updates reach 2-37% of it: "
+        "at these sizes a GPU update is bound by its many small kernels, not by arithmetic. DT's benchmark "
+        "there was stopped by the call's limit (no file). The whole-run checks are in their own section "
+        "below. One member runs unbatched "
         "(`common.members.vmap_members`): "
         "batched kernels with a batch of 1 cost IQL's update ~10%.",
         "",
@@ -522,7 +528,7 @@ def table() -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(OUT.glob("*.json")):
-        if path.name.startswith(("peer_", "matmuls__")):
+        if path.name.startswith(("peer_", "matmuls__", "gpu_")):
             continue
         r = json.loads(path.read_text())
         for s in r["scan_vmap"]:
@@ -533,7 +539,7 @@ def table() -> str:
                 f"{s['updates_per_s_per_seed']} | {s['throughput']} | {s['first_chunk_s']} | "
                 f"{r.get('gflop_per_update', '')} | {r.get('matmul_peak_gflops', '')} | {share} |"
             )
-    return "\n".join(rows + matmul_rows() + peer_rows() + phase_rows()) + "\n"
+    return "\n".join(rows + matmul_rows() + peer_rows() + gpu_rows() + phase_rows()) + "\n"
 
 
 def matmul_rows() -> list[str]:
@@ -594,6 +600,76 @@ def peer_rows() -> list[str]:
             f"| {where(r)} | {r['date']} | {r['peer']['commit'][:7]} | {rate('jax_corl')} "
             f"| {rate('jaxorl_scan')} | {rate('jaxorl_plain')} | "
             f"{', '.join(f'{x:.2f}x' for x in r['ratio_scan_over_jax_corl'])} |"
+        )
+    return rows
+
+
+def gpu_rows() -> list[str]:
+    """The whole-run checks of results/gpu_checks.sh: its gpu_checks__DEVICE.json and the records of its
+    runs beside it (gpu_iql_1M_x5__DEVICE.json, gpu_iql_one_seed__DEVICE.json, gpu_iql_sweep_x5__DEVICE.json)."""
+    paths = sorted(OUT.glob("gpu_checks__*.json"))
+    if not paths:
+        return []
+    rows = [
+        "",
+        "## Whole IQL runs on a GPU",
+        "",
+        "Generated from the files of `bash results/gpu_checks.sh OUT` (its header says how; one call on a lent "
+        "machine), copied here as gpu_checks__DEVICE.json and, for each run that finished, its record as "
+        "gpu_iql_RUN__DEVICE.json. Wall: the script's, from starting the process to its end; the run's own: "
+        "its record's wall time (first compile included), of which evaluation: the sum of its evaluations' "
+        "seconds. The dataset is a 200k-transition build of local/hopper/medium-v0, not the grid's: the "
+        "scores are no benchmark result. A blank wall time: the run did not finish within the call.",
+        "",
+        "On the H200 (4 December, code a052acb) 1M updates x 5 seeds took 331.9 s, 32 s over the target: "
+        "114.6 s of the run's 321.6 s went to its 10 evaluations of 50 hopper episodes, stepped on one host "
+        "core at 3.3k-6.0k env steps/s, counting the steps of envs whose episode had already ended (34-66% "
+        "of the steps in the first four evaluations). The one-seed run finished in 30.0 s "
+        "(gpu_checks__NVIDIA-H200.log); the sweep was stopped by the call's limit during its last evaluation "
+        "(450 episodes; its first took about 90 s by the log's progress bar), so neither has a record or a "
+        "wall time in the JSON file, "
+        "which the script then wrote only after the sweep (it now keeps each run's record as it ends). "
+        "Since then evaluation steps only running episodes and, on machines of more than 2 cores, spreads "
+        "the envs over worker processes (`JAXORL_EVAL_WORKERS`, common/evaluation.py): not yet measured on "
+        "a GPU. The update alone: 27 members cost IQL's update 3.5x one seed's time on this GPU (the table "
+        "above), so the sweep's target is out of reach for the update alone until that scaling improves.",
+        "",
+        "| check | device | date | commit | updates | members | wall (s) | the run's own (s) | of which evaluation (s) "
+        "| final normalized score | target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        g = json.loads(path.read_text())
+        device = path.name.removeprefix("gpu_checks__")
+
+        def run_cells(name: str, device: str = device) -> tuple[str, str, str]:
+            record = OUT / f"gpu_iql_{name}__{device}"
+            if not record.exists():
+                return "", "", ""
+            r = json.loads(record.read_text())
+            evals = round(sum(e.get("eval_seconds", 0.0) for e in r["evaluations"]), 1)
+            return (
+                str(r["wall_time_s"]),
+                str(evals),
+                f"{r['final']['normalized_mean']:.1f} ± {r['final']['normalized_std']:.1f}",
+            )
+
+        one_m, sweep = g["iql_1M_x5"], g["iql_sweep"]
+        met = lambda ok: "" if ok is None else ("yes" if ok else "no")  # noqa: E731
+        rows.append(
+            f"| 1M updates x 5 seeds, 10 evaluations | {g['device']} | {g['date']} | {g['commit']} | "
+            f"{one_m['updates']} | {one_m['seeds']} | {one_m['wall_s'] or ''} | {' | '.join(run_cells('1M_x5'))} | "
+            f"under 300 s | {met(None if one_m['wall_s'] is None else one_m['wall_s'] < 300)} |"
+        )
+        rows.append(
+            f"| one seed (against the sweep) | {g['device']} | {g['date']} | {g['commit']} | {sweep['updates']} | 1 | "
+            f"{sweep['one_seed_wall_s'] or ''} | {' | '.join(run_cells('one_seed'))} |  |  |"
+        )
+        ratio = sweep.get("ratio")
+        rows.append(
+            f"| 3 x 3 sweep x 5 seeds | {g['device']} | {g['date']} | {g['commit']} | {sweep['updates']} | "
+            f"{sweep['members']} | {sweep['wall_s'] or ''} | {' | '.join(run_cells('sweep_x5'))} | "
+            f"under 3x one seed's wall{f' ({ratio}x)' if ratio else ''} | {met(None if ratio is None else ratio < 3)} |"
         )
     return rows
 

@@ -9,9 +9,13 @@
 #      updates each, evaluated every 50k: both wall times (target: the sweep under 3x the seed's).
 #   3. results/benchmark.py --algo iql, cql, dt: updates/s for 1, 4 and 16 seeds and a 3 x 3 sweep,
 #      FLOPs per update, the measured matmul peak (files for results/throughput/).
-# OUT ends with: gpu_checks.log, gpu_checks.json (the wall times, device and versions, made by this
-# script), iql_1M_x5.json, iql_sweep_x5.json and iql_one_seed.json (the runs' records), and one
+# OUT ends with (DEVICE: the GPU's name, e.g. NVIDIA-H200), named as results/throughput/ keeps them:
+# gpu_checks__DEVICE.log, gpu_checks__DEVICE.json (the wall times, device and versions, made by this
+# script and rewritten after each run), gpu_iql_1M_x5__DEVICE.json, gpu_iql_one_seed__DEVICE.json and
+# gpu_iql_sweep_x5__DEVICE.json (the runs' records, each copied as soon as its run ends), and one
 # benchmark file per algorithm. Nothing here is a score of the grid: step 1's dataset is not a full build.
+# Times seen on an H200 (4 December): wheels 5 s, dataset 39 s, step 1 332 s, one seed 30 s, the
+# sweep over 180 s, step 3 46 s (iql), 79 s (cql), over 100 s (dt): steps 1-2 and step 3 take a call each.
 #
 #   bash results/gpu_checks.sh OUT            # from the repository root, on an idle machine
 #   ONLY="3" bash results/gpu_checks.sh OUT   # only some steps (a second call after a stopped one)
@@ -33,13 +37,14 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 WORK="$(mktemp -d)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MINARI_DATASETS_PATH="$WORK/minari"
-export MUJOCO_GL="${MUJOCO_GL:-egl}"
+export MUJOCO_GL="${MUJOCO_GL:-disable}"   # nothing renders; the H200 image has no EGL library
 PY="${PYTHON:-python3}"
 STEPS_1M="${STEPS_1M:-1000000}"   # smaller values only to try the script itself on a CPU
 STEPS_SWEEP="${STEPS_SWEEP:-100000}"
 ONLY=" ${ONLY:-1 2 3} "
 BENCH_FLAGS="${BENCH_FLAGS:-}"   # e.g. "--updates 20 --chunk 10 --seeds 1 --sweep-seeds 0" on a CPU
-exec > >(tee -a "$OUT/gpu_checks.log") 2>&1
+DEV="$("$PY" -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '-').replace('/', '-'))" 2> /dev/null)"
+exec > >(tee -a "$OUT/gpu_checks__${DEV:-unknown}.log") 2>&1
 
 log() { echo "[gpu_checks $(date +%T)] $*"; }
 if [ -n "${WHEELS:-}" ]; then
@@ -69,9 +74,15 @@ run() {
     log "$name: failed or stopped (exit $rc)"
   fi
 }
-record_of() { find "$WORK/runs/$1" -name record.json | head -1; }
+# keep NAME: the record of run NAME, copied to OUT as gpu_iql_NAME__DEV.json, then the summary rewritten
+keep() {
+  local r
+  r=$(find "$WORK/runs/$1" -name record.json 2> /dev/null | head -1)
+  [ -n "$r" ] && cp "$r" "$OUT/gpu_iql_$1__$DEV.json"
+  summary > /dev/null
+}
 summary() {
-  "$PY" - "$OUT/gpu_checks.json" "${WALL[iql_1M_x5]:-}" "${WALL[iql_sweep_x5]:-}" "${WALL[iql_one_seed]:-}" \
+  "$PY" - "$OUT/gpu_checks__$DEV.json" "${WALL[iql_1M_x5]:-}" "${WALL[iql_sweep_x5]:-}" "${WALL[iql_one_seed]:-}" \
     "$STEPS_1M" "$STEPS_SWEEP" << 'EOF'
 import json, subprocess, sys, time, jax
 path, one_m, sweep, single, steps_1m, steps_sweep = sys.argv[1:]
@@ -92,20 +103,19 @@ EOF
   run dataset 240 "$PY" datasets/make.py local/hopper/medium-v0 --num-steps 200000
 if [[ "$ONLY" == *" 1 "* ]]; then
   run iql_1M_x5 480 "$PY" algorithms/iql.py --dataset local/hopper/medium-v0 --num-seeds 5 \
-    --total-steps "$STEPS_1M" --eval-every $((STEPS_1M / 10)) --out-dir "$WORK/runs/iql5"
-  r=$(record_of iql5) && [ -n "$r" ] && cp "$r" "$OUT/iql_1M_x5.json"
-  summary > /dev/null
+    --total-steps "$STEPS_1M" --eval-every $((STEPS_1M / 10)) --out-dir "$WORK/runs/1M_x5"
+  keep 1M_x5
 fi
 
 # 2. a 3 x 3 sweep x 5 seeds against one seed
 if [[ "$ONLY" == *" 2 "* ]]; then
   run iql_one_seed 240 "$PY" algorithms/iql.py --dataset local/hopper/medium-v0 --num-seeds 1 \
-    --total-steps "$STEPS_SWEEP" --eval-every $((STEPS_SWEEP / 2)) --out-dir "$WORK/runs/one"
+    --total-steps "$STEPS_SWEEP" --eval-every $((STEPS_SWEEP / 2)) --out-dir "$WORK/runs/one_seed"
+  keep one_seed
   run iql_sweep_x5 300 "$PY" algorithms/iql.py --dataset local/hopper/medium-v0 --num-seeds 5 \
     --sweep expectile=0.6,0.7,0.8 beta=1,3,10 \
-    --total-steps "$STEPS_SWEEP" --eval-every $((STEPS_SWEEP / 2)) --out-dir "$WORK/runs/sweep"
-  r=$(record_of one) && [ -n "$r" ] && cp "$r" "$OUT/iql_one_seed.json"
-  r=$(record_of sweep) && [ -n "$r" ] && cp "$r" "$OUT/iql_sweep_x5.json"
+    --total-steps "$STEPS_SWEEP" --eval-every $((STEPS_SWEEP / 2)) --out-dir "$WORK/runs/sweep_x5"
+  keep sweep_x5
   summary
 fi
 
