@@ -6,6 +6,7 @@ analysis, the machine's measured float32 matmul peak, and the fraction of it eac
 achieves.
 
     python results/benchmark.py --algo iql          # writes results/throughput/iql__<device>.json
+                                                    # (<device>: cpu-avx2, cpu-avx-512 or the GPU)
     python results/benchmark.py --algo dt --matmuls # the update's matmuls, each shape timed alone
     python results/benchmark.py --table             # regenerates results/throughput/README.md
 
@@ -341,6 +342,16 @@ def cpu_model() -> str:
     return f"{model.group(1).strip() if model else 'unknown CPU'}, {vector}"
 
 
+def file_device(result: dict) -> str:
+    """The device part of a file's name: the GPU's name, or cpu-avx2 / cpu-avx-512 from the file's
+    `cpu` field, since the two kinds of 2-core machine give different numbers and a run on one must
+    not overwrite the other's file."""
+    name = result["device"].replace(" ", "-").replace("/", "-")
+    if result.get("cpu"):
+        name += "-" + result["cpu"].rsplit(", ", 1)[-1].lower().replace(" ", "-")
+    return name
+
+
 def where(r: dict) -> str:
     """A file's device column: cpu (2 cores, AMD EPYC, AVX2); files made before the cpu field lack it."""
     return f"{r['device']} ({r['cpu_count']} cores{', ' + r['cpu'] if r.get('cpu') else ''})"
@@ -495,7 +506,9 @@ def table() -> str:
         "name an AVX2 CPU (cpu (2 cores, AMD EPYC, AVX2), 4 December 2026 "
         "on) come from AVX2 machines whose peak measured 120-180 GFLOP/s (124-133 for DT on 3-4 December, 170-180 "
         "for IQL and CQL on 4 December); the others measured 310-350 GFLOP/s, more "
-        "than AVX2 allows at these clocks (AVX-512 machines). The same matmuls reach different shares of the "
+        "than AVX2 allows at these clocks (AVX-512 machines). File names carry the kind (ALGO__cpu-avx2.json, "
+        "ALGO__cpu-avx-512.json), so a run on one kind keeps the other's file; files made before the cpu field "
+        "were named for the kind their peak shows (4 December). The same matmuls reach different shares of the "
         "two peaks (DT's, timed alone: 62% of the AVX-512 peak on 3 December, in that file's git history, "
         "72% of the AVX2 one), so a % of peak from one kind says little about the other.",
         "",
@@ -512,7 +525,8 @@ def table() -> str:
         "without dropout (`--set dropout=0.0`, the row marked so) one seed runs 5.47 updates/s, so dropout is "
         "now 11% of the update where threefry bits for every element made it 15% (8.7 against 10.2 updates/s "
         "on an AVX-512 machine, 3 December, where the code before this change reached 39% of that peak; "
-        "git history of dt__cpu.json). Its matmuls alone take 153 of its 227 ms (the matmuls section), a "
+        "git history of dt__cpu.json, dt__cpu-avx2.json since). Its matmuls alone take 153 of its 227 ms (the "
+        "matmuls section), a "
         "ceiling of 75% of peak. Earlier rewrites that change nothing computed raised DT's update from 6.7 to "
         "8.7 updates/s (AVX-512, files of 2 and 3 December) and CQL's and Cal-QL's from 13.4 and 13.9 to "
         "18.7: their dense layers see 2-D matrices (XLA's CPU weight gradient of a 3-D dot contracting two "
@@ -791,8 +805,7 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     if a.matmuls and not a.table:
         result = matmuls(a.algo, a.batch_size or DEFAULT_BATCH[a.algo], a.updates)
-        name = result["device"].replace(" ", "-").replace("/", "-")
-        atomic_write(OUT / f"matmuls__{a.algo}__{name}.json", json.dumps(result, indent=1) + "\n")
+        atomic_write(OUT / f"matmuls__{a.algo}__{file_device(result)}.json", json.dumps(result, indent=1) + "\n")
     elif not a.table:
         changes = {}
         for item in a.set:
@@ -802,7 +815,7 @@ def main():
             changes[field.replace("-", "_")] = ast.literal_eval(value)
         batch_size = a.batch_size or DEFAULT_BATCH[a.algo]
         result = benchmark(a.algo, a.seeds, a.updates, a.chunk, batch_size, a.sweep_seeds, changes)
-        name = result["device"].replace(" ", "-").replace("/", "-")
+        name = file_device(result)
         suffix = f"__{changed(changes).replace(', ', '__')}" if changes else ""
         atomic_write(OUT / f"{a.algo}__{name}{suffix}.json", json.dumps(result, indent=1) + "\n")
     atomic_write(OUT / "README.md", table())

@@ -34,7 +34,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmark import commit_of_code, cpu_model  # noqa: E402
+from benchmark import commit_of_code, cpu_model, file_device  # noqa: E402
 
 from common.logging import atomic_write, device_name  # noqa: E402
 
@@ -215,10 +215,7 @@ def main():
         "updates_per_s": rates,
         "ratio_scan_over_jax_corl": ratios,
     }
-    name = result["device"].replace(" ", "-").replace("/", "-")
-    if result.get("cpu"):  # "cpu-avx2", "cpu-avx-512": the two kinds of 2-core machine give different ratios
-        name += "-" + result["cpu"].rsplit(", ", 1)[-1].lower()
-    atomic_write(OUT / f"peer_iql__{name}.json", json.dumps(result, indent=1) + "\n")
+    atomic_write(OUT / f"peer_iql__{file_device(result)}.json", json.dumps(result, indent=1) + "\n")
     print(f"jaxorl scan / JAX-CORL per round: {ratios}")
 
 
