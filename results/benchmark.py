@@ -8,6 +8,7 @@ achieves.
     python results/benchmark.py --algo iql          # writes results/throughput/iql__<device>.json
                                                     # (<device>: cpu-avx2, cpu-avx-512 or the GPU)
     python results/benchmark.py --algo dt --matmuls # the update's matmuls, each shape timed alone
+    python results/benchmark.py --eval              # evaluation: episodes and env steps/s (eval__<device>.json)
     python results/benchmark.py --table             # regenerates results/throughput/README.md
 
 Data are random arrays of a locomotion dataset's shapes (hopper: 11-D observations, 3-D actions)
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import importlib.util
 import json
 import math
@@ -542,7 +544,7 @@ def table() -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(OUT.glob("*.json")):
-        if path.name.startswith(("peer_", "matmuls__", "gpu_")):
+        if path.name.startswith(("peer_", "matmuls__", "gpu_", "eval__")):
             continue
         r = json.loads(path.read_text())
         for s in r["scan_vmap"]:
@@ -553,7 +555,7 @@ def table() -> str:
                 f"{s['updates_per_s_per_seed']} | {s['throughput']} | {s['first_chunk_s']} | "
                 f"{r.get('gflop_per_update', '')} | {r.get('matmul_peak_gflops', '')} | {share} |"
             )
-    return "\n".join(rows + matmul_rows() + peer_rows() + gpu_rows() + phase_rows()) + "\n"
+    return "\n".join(rows + matmul_rows() + peer_rows() + gpu_rows() + evaluation_rows() + phase_rows()) + "\n"
 
 
 def matmul_rows() -> list[str]:
@@ -773,6 +775,109 @@ def phase_rows(records: Path | None = None) -> list[str]:
     return rows
 
 
+def evaluation_speed(dataset_id: str, members: list[int], episodes: int) -> dict:
+    """Episodes and env steps per second of common.evaluation.evaluate: `episodes` episodes for each
+    member, one batched call of a 256-256 policy (random weights, actions scaled to 0.1) per step,
+    episodes to the time limit (the robots' termination turned off, as a good policy rarely falls),
+    in this process (JAXORL_EVAL_WORKERS=0) and, on machines of more than 2 cores, in the default
+    worker processes. The policy is compiled and the workers started before each timing."""
+    from common import evaluation
+    from common.data import load_dataset
+
+    _, meta = load_dataset(dataset_id, to_device=False)
+    if meta.robot in ("hopper", "walker2d", "ant"):  # every episode runs to the time limit, as a good policy's
+        kwargs = {**meta.env_spec.kwargs, "terminate_when_unhealthy": False}
+        meta = dataclasses.replace(meta, env_spec=dataclasses.replace(meta.env_spec, kwargs=kwargs))
+
+    def init(key, m):
+        sizes = [meta.obs_dim, 256, 256, meta.action_dim]
+        keys = jax.random.split(key, len(sizes) - 1)
+        return [jax.random.normal(k, (m, a, b)) / np.sqrt(a) for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+
+    @jax.jit
+    def policy(params, carry, obs, prev_reward, rng):
+        h = obs
+        for w in params[:-1]:
+            h = jax.nn.relu(jnp.einsum("sni,sio->sno", h, w))
+        return 0.1 * jnp.tanh(jnp.einsum("sni,sio->sno", h, params[-1])), carry
+
+    before = os.environ.get("JAXORL_EVAL_WORKERS")
+    runs = []
+    try:
+        for m in members:
+            n = m * episodes
+            params = init(jax.random.key(m), m)
+            policy(params, None, jnp.zeros((m, episodes, meta.obs_dim)), jnp.zeros((m, episodes)), jax.random.key(0))
+            os.environ.pop("JAXORL_EVAL_WORKERS", None)
+            modes = ["0"] + ([None] if evaluation.eval_workers(n) else [])
+            for mode in modes:
+                if mode is None:
+                    os.environ.pop("JAXORL_EVAL_WORKERS", None)
+                else:
+                    os.environ["JAXORL_EVAL_WORKERS"] = mode
+                workers = evaluation.eval_workers(n)
+                if workers:
+                    evaluation.pooled_envs(meta, n, workers)
+                r = evaluation.evaluate(meta, policy, params, num_episodes=episodes, seed=0)
+                steps = int(r.lengths.sum())
+                run = {"members": m, "episodes": episodes, "workers": workers, "seconds": round(r.seconds, 2),
+                       "episodes_per_s": round(n / r.seconds, 1), "env_steps_per_s": round(steps / r.seconds),
+                       "mean_length": round(steps / n, 1)}  # fmt: skip
+                print(run, flush=True)
+                runs.append(run)
+            evaluation.drop_pool()
+    finally:
+        evaluation.drop_pool()
+        if before is None:
+            os.environ.pop("JAXORL_EVAL_WORKERS", None)
+        else:
+            os.environ["JAXORL_EVAL_WORKERS"] = before
+    return {
+        "device": device_name(),
+        **({"cpu": cpu_model()} if device_name() == "cpu" else {}),
+        "jax_version": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit_of_code(),
+        "command": ["results/benchmark.py", *sys.argv[1:]],
+        "dataset": dataset_id,
+        "env": meta.env_spec.id,
+        "policy": "256-256 MLP, random weights, actions x 0.1; termination off",
+        "runs": runs,
+    }
+
+
+def evaluation_rows() -> list[str]:
+    """The files of `--eval`."""
+    paths = sorted(OUT.glob("eval__*.json"))
+    if not paths:
+        return []
+    rows = [
+        "",
+        "## Evaluation",
+        "",
+        "Generated from the files of `python results/benchmark.py --eval`: `common.evaluation.evaluate` on a "
+        "dataset's environment, every episode of every member side by side, one batched call of a 256-256 "
+        "policy (random weights, small actions) per step, the robots' termination turned off so that every "
+        "episode runs to the time limit as a good policy's would. Seconds include making the envs. Workers 0: the "
+        "envs step in the calling process; otherwise in that many worker processes (the default on machines "
+        "of more than 2 cores; `JAXORL_EVAL_WORKERS`). Env steps/s counts the steps of all envs together.",
+        "",
+        "| device | date | commit | env | members x episodes | workers | seconds | episodes/s | env steps/s "
+        "| mean episode length |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        r = json.loads(path.read_text())
+        for run in r["runs"]:
+            rows.append(
+                f"| {where(r)} | {r['date']} | {r['commit']} | {r['env']} | {run['members']} x {run['episodes']} | "
+                f"{run['workers']} | {run['seconds']} | {run['episodes_per_s']} | {run['env_steps_per_s']} | "
+                f"{run['mean_length']} |"
+            )
+    return rows
+
+
 def commit_of_code() -> str:
     """The commit the measured code is at, with " (dirty)" if algorithms/ or common/ had uncommitted changes."""
     commit, _ = git_state()
@@ -800,10 +905,18 @@ def main():
                    help="Args fields changed for this timing (e.g. dropout=0.0); its own file")  # fmt: skip
     p.add_argument("--matmuls", action="store_true",
                    help="time the update's matmuls at their own shapes instead (matmuls__ALGO__DEV.json)")  # fmt: skip
+    p.add_argument("--eval", action="store_true",
+                   help="time evaluation instead: episodes and env steps/s (eval__DEV.json)")  # fmt: skip
+    p.add_argument("--eval-dataset", default="local/hopper/medium-v0", help="--eval: whose environment")
+    p.add_argument("--eval-members", type=int, nargs="+", default=[1, 5, 45], help="--eval: members (seeds)")
+    p.add_argument("--eval-episodes", type=int, default=10, help="--eval: episodes per member")
     p.add_argument("--table", action="store_true", help="only regenerate results/throughput/README.md")
     a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    if a.matmuls and not a.table:
+    if a.eval and not a.table:
+        result = evaluation_speed(a.eval_dataset, a.eval_members, a.eval_episodes)
+        atomic_write(OUT / f"eval__{file_device(result)}.json", json.dumps(result, indent=1) + "\n")
+    elif a.matmuls and not a.table:
         result = matmuls(a.algo, a.batch_size or DEFAULT_BATCH[a.algo], a.updates)
         atomic_write(OUT / f"matmuls__{a.algo}__{file_device(result)}.json", json.dumps(result, indent=1) + "\n")
     elif not a.table:

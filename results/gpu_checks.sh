@@ -7,19 +7,23 @@
 #      evaluation included (target: under 5 minutes).
 #   2. IQL's 3 x 3 sweep (expectile 0.6,0.7,0.8 x beta 1,3,10) x 5 seeds against one seed, 100k
 #      updates each, evaluated every 50k: both wall times (target: the sweep under 3x the seed's).
-#   3. results/benchmark.py --algo iql, cql, dt: updates/s for 1, 4 and 16 seeds and a 3 x 3 sweep,
+#   3. results/benchmark.py --eval: evaluation's episodes and env steps/s for 1, 5 and 45 members x 10
+#      hopper episodes, in the training process and in worker processes (the host's cores).
+#   4. results/benchmark.py --algo iql, cql, dt: updates/s for 1, 4 and 16 seeds and a 3 x 3 sweep,
 #      FLOPs per update, the measured matmul peak (files for results/throughput/).
 # OUT ends with (DEVICE: the GPU's name, e.g. NVIDIA-H200), named as results/throughput/ keeps them:
 # gpu_checks__DEVICE.log, gpu_checks__DEVICE.json (the wall times, device and versions, made by this
 # script and rewritten after each run), gpu_iql_1M_x5__DEVICE.json, gpu_iql_one_seed__DEVICE.json and
-# gpu_iql_sweep_x5__DEVICE.json (the runs' records, each copied as soon as its run ends), and one
-# benchmark file per algorithm. Nothing here is a score of the grid: step 1's dataset is not a full build.
-# Times seen on an H200 (4 December): wheels 5 s, dataset 39 s, step 1 332 s, one seed 30 s, the
-# sweep over 180 s, step 3 46 s (iql), 79 s (cql), over 100 s (dt): steps 1-2 and step 3 take a call each.
+# gpu_iql_sweep_x5__DEVICE.json (the runs' records, each copied as soon as its run ends), eval__DEVICE.json
+# and one benchmark file per algorithm. Nothing here is a score of the grid: step 1's dataset is not a
+# full build. Times seen on an H200 (4 December, before evaluation stepped only running episodes and
+# used worker processes): wheels 5 s, dataset 39 s, step 1 332 s, one seed 30 s, the sweep over 180 s,
+# step 4 46 s (iql), 79 s (cql), over 100 s (dt). Steps 1-2 take one 10-minute call, steps 3-4 another
+# (the dataset is built again there: a call starts on a bare machine).
 #
-#   bash results/gpu_checks.sh OUT            # from the repository root, on an idle machine
-#   ONLY="3" bash results/gpu_checks.sh OUT   # only some steps (a second call after a stopped one)
-#   ONLY="3" ALGOS="cql dt" bash results/gpu_checks.sh OUT   # only some of step 3's benchmarks
+#   bash results/gpu_checks.sh OUT              # from the repository root, on an idle machine
+#   ONLY="3 4" bash results/gpu_checks.sh OUT   # only some steps (a second call after a stopped one)
+#   ONLY="4" ALGOS="cql dt" bash results/gpu_checks.sh OUT   # only some of step 4's benchmarks
 #
 # On a machine with JAX for CUDA, flax and optax but not this project's other packages (the device
 # tool's H200 image: Python 3.12, no gymnasium, minari, mujoco or tyro), download their wheels where
@@ -41,7 +45,7 @@ export MUJOCO_GL="${MUJOCO_GL:-disable}"   # nothing renders; the H200 image has
 PY="${PYTHON:-python3}"
 STEPS_1M="${STEPS_1M:-1000000}"   # smaller values only to try the script itself on a CPU
 STEPS_SWEEP="${STEPS_SWEEP:-100000}"
-ONLY=" ${ONLY:-1 2 3} "
+ONLY=" ${ONLY:-1 2 3 4} "
 BENCH_FLAGS="${BENCH_FLAGS:-}"   # e.g. "--updates 20 --chunk 10 --seeds 1 --sweep-seeds 0" on a CPU
 DEV="$("$PY" -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '-').replace('/', '-'))" 2> /dev/null)"
 exec > >(tee -a "$OUT/gpu_checks__${DEV:-unknown}.log") 2>&1
@@ -98,8 +102,8 @@ print(json.dumps(out))
 EOF
 }
 
-# 1. 1M IQL updates x 5 seeds, evaluation included (steps 1 and 2 share the dataset)
-[[ "$ONLY" == *" 1 "* || "$ONLY" == *" 2 "* ]] &&
+# 1. 1M IQL updates x 5 seeds, evaluation included (steps 1, 2 and 3 share the dataset)
+[[ "$ONLY" == *" 1 "* || "$ONLY" == *" 2 "* || "$ONLY" == *" 3 "* ]] &&
   run dataset 240 "$PY" datasets/make.py local/hopper/medium-v0 --num-steps 200000
 if [[ "$ONLY" == *" 1 "* ]]; then
   run iql_1M_x5 480 "$PY" algorithms/iql.py --dataset local/hopper/medium-v0 --num-seeds 5 \
@@ -119,9 +123,13 @@ if [[ "$ONLY" == *" 2 "* ]]; then
   summary
 fi
 
-# 3. update throughput (each writes results/throughput/ALGO__DEVICE.json; copied to OUT)
+# 3. evaluation speed, 4. update throughput (each writes results/throughput/NAME__DEVICE.json; copied to OUT)
 touch "$WORK/before_benchmarks"
-[[ "$ONLY" == *" 3 "* ]] && for algo in ${ALGOS:-iql cql dt}; do
+if [[ "$ONLY" == *" 3 "* ]]; then
+  run bench_eval 240 "$PY" results/benchmark.py --eval
+  find results/throughput -name "eval__*.json" -newer "$WORK/before_benchmarks" -exec cp {} "$OUT/" \;
+fi
+[[ "$ONLY" == *" 4 "* ]] && for algo in ${ALGOS:-iql cql dt}; do
   # shellcheck disable=SC2086
   run "bench_$algo" 240 "$PY" results/benchmark.py --algo "$algo" $BENCH_FLAGS
   find results/throughput -name "${algo}__*.json" -newer "$WORK/before_benchmarks" -exec cp {} "$OUT/" \;

@@ -197,6 +197,41 @@ def test_peer_comparison_keeps_no_machine_path_and_shows_in_the_table(tmp_path, 
     assert "peer_iql" not in benchmark.table()  # the per-algorithm table skips the peer files
 
 
+def test_gpu_checks_and_evaluation_files_show_in_their_own_sections(tmp_path, monkeypatch):
+    """gpu_checks.sh's summary with the record of its finished run (evaluation seconds summed: 10 + 5),
+    a run that did not finish (blank), the sweep's ratio against its target; `--eval`'s file."""
+    import benchmark
+
+    checks = {
+        "device": "NVIDIA H200",
+        "date": "2026-12-04",
+        "commit": "abc1234",
+        "iql_1M_x5": {"updates": 1000000, "seeds": 5, "wall_s": 331.9},
+        "iql_sweep": {"updates": 100000, "members": 45, "wall_s": 80.0, "one_seed_wall_s": 30.0, "ratio": 2.67},
+    }
+    record = {
+        "wall_time_s": 321.6,
+        "evaluations": [{"eval_seconds": 10.0}, {"eval_seconds": 5.0}],
+        "final": {"normalized_mean": 101.96, "normalized_std": 2.97},
+    }
+    ev = {"device": "cpu", "cpu_count": 2, "date": "2026-12-04", "commit": "abc1234", "env": "Hopper-v5",
+          "runs": [{"members": 5, "episodes": 10, "workers": 0, "seconds": 10.0, "episodes_per_s": 5.0,
+                    "env_steps_per_s": 5000, "mean_length": 1000.0}]}  # fmt: skip
+    (tmp_path / "gpu_checks__NVIDIA-H200.json").write_text(json.dumps(checks))
+    (tmp_path / "gpu_iql_1M_x5__NVIDIA-H200.json").write_text(json.dumps(record))
+    (tmp_path / "eval__cpu.json").write_text(json.dumps(ev))
+    monkeypatch.setattr(benchmark, "OUT", tmp_path)
+    rows = benchmark.gpu_rows()
+    assert rows[-3].endswith("| 5 | 331.9 | 321.6 | 15.0 | 102.0 ± 3.0 | under 300 s | no |")
+    assert rows[-2].endswith("| 100000 | 1 | 30.0 |  |  |  |  |  |")  # finished, but no record kept
+    assert rows[-1].endswith("| 45 | 80.0 |  |  |  | under 3x one seed's wall (2.67x) | yes |")
+    assert benchmark.evaluation_rows()[-1] == (
+        "| cpu (2 cores) | 2026-12-04 | abc1234 | Hopper-v5 | 5 x 10 | 0 | 10.0 | 5.0 | 5000 | 1000.0 |"
+    )
+    table = benchmark.table()  # the per-algorithm rows skip these files (no scan_vmap)
+    assert "## Whole IQL runs on a GPU" in table and "## Evaluation" in table
+
+
 def test_matmuls_of_a_lowered_program_are_found_with_their_flops(tmp_path, monkeypatch):
     """--matmuls reads every dot_general of a lowered program with its shapes and dimension numbers;
     FLOPs by hand: 2 x batch x contracted x free dimensions."""
