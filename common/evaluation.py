@@ -168,7 +168,7 @@ def eval_workers(n: int) -> int:
         if not value.strip().isdigit():
             raise UserError(f"JAXORL_EVAL_WORKERS={value!r}: give a whole number of worker processes (0: none)")
         return min(int(value), n)
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(cores - 1, n // 4)
     return workers if cores > 2 and workers >= 2 else 0
 
