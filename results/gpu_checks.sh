@@ -7,7 +7,7 @@
 #      evaluation included (target: under 5 minutes).
 #   2. IQL's 3 x 3 sweep (expectile 0.6,0.7,0.8 x beta 1,3,10) x 5 seeds against one seed, 100k
 #      updates each, evaluated every 50k: both wall times (target: the sweep under 3x the seed's).
-#   3. results/benchmark.py --eval: evaluation's episodes and env steps/s for 1, 5 and 45 members x 10
+#   3. results/benchmark.py --eval: evaluation's episodes and env steps/s for 1, 5 and 45 members x 4
 #      hopper episodes, in the training process and in worker processes (the host's cores).
 #   4. results/benchmark.py --algo iql, cql, dt: updates/s for 1, 4 and 16 seeds and a 3 x 3 sweep,
 #      FLOPs per update, the measured matmul peak (files for results/throughput/).
@@ -18,8 +18,8 @@
 # and one benchmark file per algorithm. Nothing here is a score of the grid: step 1's dataset is not a
 # full build. Times seen on an H200 (4 December, before evaluation stepped only running episodes and
 # used worker processes): wheels 5 s, dataset 39 s, step 1 332 s, one seed 30 s, the sweep over 180 s,
-# step 4 46 s (iql), 79 s (cql), over 100 s (dt). Steps 1-2 take one 10-minute call, steps 3-4 another
-# (the dataset is built again there: a call starts on a bare machine).
+# step 4 46 s (iql), 79 s (cql), over 100 s (dt). Steps 1-2 take one 10-minute call, steps 3-4 another,
+# at once, on the still-warm machine (its dataset is kept; a bare machine builds it again).
 #
 #   bash results/gpu_checks.sh OUT              # from the repository root, on an idle machine
 #   ONLY="3 4" bash results/gpu_checks.sh OUT   # only some steps (a second call after a stopped one)
@@ -40,7 +40,8 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 WORK="$(mktemp -d)"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MINARI_DATASETS_PATH="$WORK/minari"
+# the dataset outlives the call: a second call on the still-warm machine finds it built (a bare one builds it)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MINARI_DATASETS_PATH=/tmp/jaxorl-gpu-checks/minari
 export MUJOCO_GL="${MUJOCO_GL:-disable}"   # nothing renders; the H200 image has no EGL library
 PY="${PYTHON:-python3}"
 STEPS_1M="${STEPS_1M:-1000000}"   # smaller values only to try the script itself on a CPU
@@ -126,7 +127,7 @@ fi
 # 3. evaluation speed, 4. update throughput (each writes results/throughput/NAME__DEVICE.json; copied to OUT)
 touch "$WORK/before_benchmarks"
 if [[ "$ONLY" == *" 3 "* ]]; then
-  run bench_eval 240 "$PY" results/benchmark.py --eval
+  run bench_eval 240 "$PY" results/benchmark.py --eval --eval-members 1 5 45 --eval-episodes 4
   find results/throughput -name "eval__*.json" -newer "$WORK/before_benchmarks" -exec cp {} "$OUT/" \;
 fi
 [[ "$ONLY" == *" 4 "* ]] && for algo in ${ALGOS:-iql cql dt}; do
