@@ -523,7 +523,7 @@ def table() -> str:
         "row without a CPU name is the AVX2 run (made before peer_benchmark.py recorded the CPU; its file name "
         "says AVX2).",
         "",
-        "IQL, CQL and DT on that AVX-512 machine (Intel Xeon, 4 December, code c50a1d0; the files named "
+        "IQL, CQL and DT on that AVX-512 machine (Intel Xeon, 4 December, code 965e26e; the files named "
         "cpu-avx-512 whose device column names the CPU), alone on it: IQL's one seed 57% of peak (280.3 "
         "updates/s; 58% for 4 seeds), CQL's 71% (14.68 updates/s; 66% for 4), DT's 48% (8.75 updates/s; 47% "
         "for 4). The 60% aim holds for all three on the AVX2 machine and for CQL alone on this one. (IQL's "
