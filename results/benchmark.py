@@ -359,10 +359,9 @@ def where(r: dict) -> str:
     return f"{r['device']} ({r['cpu_count']} cores{', ' + r['cpu'] if r.get('cpu') else ''})"
 
 
-def measured_on(algo: str, setup: Setup, batch_size: int, peak: float, flops: float) -> dict:
-    """What every throughput file starts with: the update measured, the machine and the code."""
+def machine_and_code() -> dict:
+    """The machine, the versions, the code and the command of a measurement."""
     return {
-        "algorithm": algo,
         "device": device_name(),
         **({"cpu": cpu_model()} if device_name() == "cpu" else {}),
         "jax_version": jax.__version__,
@@ -370,6 +369,14 @@ def measured_on(algo: str, setup: Setup, batch_size: int, peak: float, flops: fl
         "date": time.strftime("%Y-%m-%d"),
         "commit": commit_of_code(),
         "command": ["results/benchmark.py", *sys.argv[1:]],
+    }
+
+
+def measured_on(algo: str, setup: Setup, batch_size: int, peak: float, flops: float) -> dict:
+    """What every throughput file starts with: the update measured, the machine and the code."""
+    return {
+        "algorithm": algo,
+        **machine_and_code(),
         "network": setup.network,
         "batch_size": batch_size,
         "matmul_peak_gflops": round(peak / 1e9, 1),
@@ -840,13 +847,7 @@ def evaluation_speed(dataset_id: str, members: list[int], episodes: int) -> dict
         else:
             os.environ["JAXORL_EVAL_WORKERS"] = before
     return {
-        "device": device_name(),
-        **({"cpu": cpu_model()} if device_name() == "cpu" else {}),
-        "jax_version": jax.__version__,
-        "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": commit_of_code(),
-        "command": ["results/benchmark.py", *sys.argv[1:]],
+        **machine_and_code(),
         "dataset": dataset_id,
         "env": meta.env_spec.id,
         "policy": "256-256 MLP, random weights, actions x 0.1; termination off",
