@@ -1,5 +1,6 @@
 """Vectorized evaluation: every episode of every seed runs side by side, one batched policy call
-per environment step.
+per environment step; only running episodes are stepped, and on machines of more than 2 cores the
+envs step in worker processes (JAXORL_EVAL_WORKERS=N sets how many; 0 keeps them here).
 
     result = evaluate(meta, policy, params, num_episodes=10, seed=0)
     result.normalized  # (num_seeds, num_episodes)

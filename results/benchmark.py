@@ -534,7 +534,7 @@ def table() -> str:
         "cpu-avx-512 whose device column names the CPU), alone on it: IQL's one seed 57% of peak (280.3 "
         "updates/s; 58% for 4 seeds), CQL's 71% (14.68 updates/s; 66% for 4), DT's 48% (8.75 updates/s; 47% "
         "for 4). The 60% aim holds for all three on the AVX2 machine and for CQL alone on this one. (IQL's "
-        "first run here, timed while a table was regenerated, gave 268.4; it was run again alone.)",
+        "first run here was timed while a table was regenerated; it was discarded and run again alone.)",
         "",
         "DT: one seed reaches 60% of the AVX2 machine's peak (4.89 updates/s; 57% for 4 seeds), since its "
         "dropout masks come from a hash of each element's index and its LayerNorm is written out (71e8aa5): "
