@@ -14,6 +14,9 @@ import pytest
 _TMP = Path(tempfile.mkdtemp(prefix="jaxorl-tests-"))
 os.environ["MINARI_DATASETS_PATH"] = str(_TMP / "minari")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_TMP / "jax-cache"))
+# Every program, not only those compiling in over a second (JAX's default): the suite is mostly
+# compilation, and many of its small programs recur in later tests and in their subprocesses.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # two test workers may share one GPU
 os.environ["TMPDIR"] = str(_TMP / "tmp")  # gymnasium-robotics writes a maze XML here per env build
